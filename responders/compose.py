@@ -1,0 +1,177 @@
+"""Turning a rendered notice into SMTP-ready bytes with headers nobody can inject into.
+
+Every header value and display name passes `one_line` and then `_settle`, because the email
+policy decodes RFC 2047 words in what we set: a customer's subject ``=?utf-8?q?=0D=0A...?=``
+would otherwise come back as a real line break. Message-IDs are validated and written raw so a
+long one is never turned into an encoded word (which would break threading).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from email import policy
+from email.headerregistry import Address as HeaderAddress
+from email.message import EmailMessage
+from email.utils import format_datetime
+
+from parsing.model import Address
+from responders.headertext import one_line
+from responders.render import Notice
+from responders.threadindex import thread_index
+from responders.tokens import (
+    message_id_for,
+    parse_own_message_id,
+    reply_token,
+    verify_reply_token,
+)
+
+__all__ = [
+    "MAX_REFERENCES",
+    "SMTP_POLICY",
+    "compose",
+    "message_id_for",
+    "parse_own_message_id",
+    "reply_token",
+    "verify_reply_token",
+]
+
+# refold_source="none": the raw Message-ID headers we set are written exactly as given.
+SMTP_POLICY = policy.default.clone(linesep="\r\n", cte_type="7bit", refold_source="none")
+MAX_REFERENCES = 20
+TEXT_LIMIT = 200  # subjects, display names, Thread-Topic
+VALUE_LIMIT = 900  # any other header value; a header line stays under 998 octets
+
+_MSG_ID = re.compile(r"[!-;=?-~]+@[!-;=?-~]+")  # printable ASCII, no spaces, no < or >
+_ADDR = re.compile(r"[^\s<>()\[\],;:\"\\@]+@[A-Za-z0-9.-]+")
+_HEADER_NAME = re.compile(r"[!-9;-~]+")
+_OURS = frozenset(
+    {
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "subject",
+        "date",
+        "message-id",
+        "in-reply-to",
+        "references",
+        "reply-to",
+        "auto-submitted",
+        "x-auto-response-suppress",
+        "thread-topic",
+        "thread-index",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "sender",
+        "return-path",
+    }
+)
+
+
+def _settle(text: str, limit: int) -> str:
+    """One-line text that stays one line after the policy decodes any encoded words in it."""
+    for _ in range(4):
+        clean = one_line(text, limit=limit)
+        decoded = str(SMTP_POLICY.header_factory("subject", clean))
+        if decoded == clean:
+            return clean
+        text = decoded
+    # Still changing after several rounds: nested encoded words, so keep no "=?" at all.
+    return one_line(text.replace("=?", "= ?"), limit=limit)
+
+
+def _address(addr: Address) -> HeaderAddress:
+    spec = addr.addr
+    if not _ADDR.fullmatch(spec) or not spec.isascii():
+        raise ValueError(f"not a safe ASCII mail address: {spec!r}")
+    return HeaderAddress(display_name=_settle(addr.name, TEXT_LIMIT), addr_spec=spec)
+
+
+def _clean_id(value: str) -> str | None:
+    """A Message-ID from mail we received, bare; None when it is unfit to repeat in a header."""
+    bare = value.strip().removeprefix("<").removesuffix(">")
+    return bare if _MSG_ID.fullmatch(bare) and len(bare) < VALUE_LIMIT else None
+
+
+def _references(references: Sequence[str], in_reply_to: str | None) -> list[str]:
+    ids = [i for i in (_clean_id(r) for r in references) if i]
+    if in_reply_to and in_reply_to not in ids:
+        ids.append(in_reply_to)
+    unique = list(dict.fromkeys(ids))
+    if len(unique) > MAX_REFERENCES:  # keep the thread's root and the newest ones
+        unique = [unique[0], *unique[-(MAX_REFERENCES - 1) :]]
+    return unique
+
+
+def compose(
+    notice: Notice,
+    *,
+    from_addr: Address,
+    to: Sequence[Address],
+    cc: Sequence[Address] = (),
+    message_id: str,
+    in_reply_to: str | None = None,
+    references: Sequence[str] = (),
+    reply_to: Address | None = None,
+    auto_submitted: str | None = None,
+    thread_topic: str | None = None,
+    date: datetime | None = None,
+    extra_headers: Sequence[tuple[str, str]] = (),
+    attachments: Sequence[tuple[str, str, bytes]] = (),
+) -> bytes:
+    """The notice as a complete message, CRLF line endings, ready for DATA or a Maildir.
+
+    ``in_reply_to`` is appended to ``references`` when missing; ids from received mail that are
+    unfit for a header are dropped rather than failing the reply. ``attachments`` are
+    ``(filename, content_type, data)``. Raises ValueError for an unsafe address, our own
+    malformed ``message_id``, a naive ``date``, or an extra header that would shadow ours.
+    """
+    own_id = _clean_id(message_id)
+    if own_id is None:
+        raise ValueError(f"not a valid Message-ID: {message_id!r}")
+    when = date if date is not None else datetime.now(UTC)
+    if when.tzinfo is None:
+        raise ValueError("date must be timezone-aware")
+    if not to:
+        raise ValueError("a message needs at least one To address")
+    parent = _clean_id(in_reply_to) if in_reply_to else None
+    refs = _references(references, parent)
+
+    msg = EmailMessage(policy=SMTP_POLICY)
+    msg["From"] = _address(from_addr)
+    msg["To"] = [_address(a) for a in to]
+    if cc:
+        msg["Cc"] = [_address(a) for a in cc]
+    if reply_to is not None:
+        msg["Reply-To"] = _address(reply_to)
+    msg["Subject"] = _settle(notice.subject, TEXT_LIMIT)
+    msg["Date"] = format_datetime(when)
+    msg.set_raw("Message-ID", f"<{own_id}>")
+    if parent:
+        msg.set_raw("In-Reply-To", f"<{parent}>")
+    if refs:
+        msg.set_raw("References", "\r\n ".join(f"<{i}>" for i in refs))
+    if auto_submitted:
+        msg["Auto-Submitted"] = _settle(auto_submitted, VALUE_LIMIT)
+    msg["X-Auto-Response-Suppress"] = "All"
+    if thread_topic:
+        msg["Thread-Topic"] = _settle(thread_topic, TEXT_LIMIT)
+    msg["Thread-Index"] = thread_index(seed=refs[0] if refs else own_id, date=when)
+    for name, value in extra_headers:
+        if not _HEADER_NAME.fullmatch(name) or name.lower() in _OURS:
+            raise ValueError(f"extra header not allowed: {name!r}")
+        msg[name] = _settle(value, VALUE_LIMIT)
+
+    msg.set_content(notice.text)
+    if notice.html is not None:
+        msg.add_alternative(notice.html, subtype="html")
+    for filename, content_type, data in attachments:
+        maintype, _, subtype = content_type.partition("/")
+        if not (maintype and subtype and _HEADER_NAME.fullmatch(content_type)):
+            maintype, subtype = "application", "octet-stream"
+        name = _settle(filename, TEXT_LIMIT).replace("/", "_").replace("\\", "_") or "attachment"
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+    return msg.as_bytes(policy=SMTP_POLICY)

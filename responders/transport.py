@@ -1,0 +1,272 @@
+"""Handing finished mail to a relay over SMTP, or to a local Maildir when there is none.
+
+Outcomes are values: the outbox worker decides on retries from ``temporary`` / ``permanent``
+per recipient, so nothing here raises for a refusal, a timeout or a dead relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import aiosmtplib
+from aiosmtplib.errors import (
+    SMTPException,
+    SMTPRecipientRefused,
+    SMTPResponseException,
+)
+
+__all__ = [
+    "RecipientResult",
+    "Relay",
+    "SendResult",
+    "SmtpPool",
+    "deliver_maildir",
+    "send_smtp",
+]
+
+Outcome = Literal["sent", "temporary", "permanent"]
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """Where outbound mail goes. ``starttls`` False means plain SMTP, never opportunistic TLS.
+
+    ``helo_name`` is what we say in EHLO; empty asks the OS (a DNS lookup per connection).
+    """
+
+    host: str
+    port: int
+    starttls: bool = False
+    username: str = ""
+    password: str = ""
+    timeout: float = 30.0
+    tls_verify: bool = True
+    ca_file: str = ""
+    helo_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    recipient: str
+    outcome: Outcome
+    code: int  # the SMTP reply code; 0 when the relay never answered
+    reply: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """One result per recipient, in the order given."""
+
+    per_recipient: tuple[RecipientResult, ...]
+
+    @property
+    def all_sent(self) -> bool:
+        return all(r.outcome == "sent" for r in self.per_recipient)
+
+
+def _outcome(code: int) -> Outcome:
+    if 200 <= code < 400:
+        return "sent"
+    return "permanent" if 500 <= code < 600 else "temporary"
+
+
+def _everyone(recipients: Sequence[str], outcome: Outcome, code: int, reply: str) -> SendResult:
+    return SendResult(tuple(RecipientResult(r, outcome, code, reply) for r in recipients))
+
+
+def _client(relay: Relay) -> aiosmtplib.SMTP:
+    context: ssl.SSLContext | None = None
+    if relay.starttls:
+        context = ssl.create_default_context(cafile=relay.ca_file or None)
+        if not relay.tls_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    return aiosmtplib.SMTP(
+        hostname=relay.host,
+        port=relay.port,
+        username=relay.username or None,
+        password=relay.password or None,
+        timeout=relay.timeout,
+        start_tls=relay.starttls,
+        tls_context=context,
+        local_hostname=relay.helo_name or None,
+    )
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())[:500]
+
+
+class _NothingSent(Exception):
+    """The connection failed before MAIL was answered, so a retry cannot send twice."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(_error_text(cause))
+
+
+async def _transaction(
+    client: aiosmtplib.SMTP, *, mail_from: str, recipients: Sequence[str], data: bytes
+) -> SendResult:
+    """MAIL, RCPT for each recipient, DATA; raises only for connection trouble."""
+    try:
+        await client.mail(mail_from)
+    except SMTPResponseException as exc:
+        await _reset(client)
+        return _everyone(recipients, _outcome(exc.code), exc.code, exc.message)
+    except (SMTPException, OSError) as exc:
+        raise _NothingSent(exc) from exc
+    refused: dict[str, RecipientResult] = {}
+    for rcpt in recipients:
+        try:
+            await client.rcpt(rcpt)
+        except SMTPRecipientRefused as exc:
+            refused[rcpt] = RecipientResult(rcpt, _outcome(exc.code), exc.code, exc.message)
+    accepted = [r for r in recipients if r not in refused]
+    if not accepted:
+        await _reset(client)
+        return SendResult(tuple(refused[r] for r in recipients))
+    outcome: Outcome
+    try:
+        response = await client.data(data)
+        outcome, code, reply = "sent", response.code, response.message
+    except SMTPResponseException as exc:
+        await _reset(client)
+        outcome, code, reply = _outcome(exc.code), exc.code, exc.message
+    return SendResult(
+        tuple(refused.get(r) or RecipientResult(r, outcome, code, reply) for r in recipients)
+    )
+
+
+async def _reset(client: aiosmtplib.SMTP) -> None:
+    try:
+        await client.rset()
+    except (SMTPException, OSError):
+        client.close()
+
+
+async def send_smtp(
+    relay: Relay, *, mail_from: str, recipients: Sequence[str], data: bytes
+) -> SendResult:
+    """Deliver ``data`` over one new connection; every failure is a per-recipient outcome."""
+    client = _client(relay)
+    try:
+        await client.connect()
+        result = await _transaction(client, mail_from=mail_from, recipients=recipients, data=data)
+        await _quit(client)
+        return result
+    except SMTPResponseException as exc:  # refused greeting, EHLO, STARTTLS or AUTH
+        return _everyone(recipients, _outcome(exc.code), exc.code, exc.message)
+    except (SMTPException, OSError, _NothingSent) as exc:
+        return _everyone(recipients, "temporary", 0, _error_text(exc))
+    finally:
+        client.close()
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    try:
+        await client.quit()
+    except (SMTPException, OSError):
+        pass  # the mail is already accepted; a rude goodbye changes nothing
+
+
+class SmtpPool:
+    """Up to ``size`` persistent connections to one relay, reused across sends.
+
+    A connection that fails is dropped and a later send opens a fresh one. When a reused
+    connection turns out to be dead before anything was sent (the relay closed it while idle),
+    the send is retried once on a new connection.
+    """
+
+    def __init__(self, relay: Relay, *, size: int = 4) -> None:
+        if size < 1:
+            raise ValueError("pool size must be at least 1")
+        self._relay = relay
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._closed = False
+
+    async def send(self, *, mail_from: str, recipients: Sequence[str], data: bytes) -> SendResult:
+        """Like `send_smtp`, over a pooled connection."""
+        if self._closed:
+            raise RuntimeError("the pool is closed")
+        async with self._slots:
+            result = await self._send_once(mail_from, recipients, data, retry=True)
+        return result
+
+    async def _send_once(
+        self, mail_from: str, recipients: Sequence[str], data: bytes, *, retry: bool
+    ) -> SendResult:
+        reused = bool(self._idle)
+        client = self._idle.pop() if reused else _client(self._relay)
+        keep = False
+        try:
+            if not client.is_connected:
+                reused = False
+                await client.connect()
+            result = await _transaction(
+                client, mail_from=mail_from, recipients=recipients, data=data
+            )
+            keep = client.is_connected and not self._closed
+            return result
+        except SMTPResponseException as exc:
+            return _everyone(recipients, _outcome(exc.code), exc.code, exc.message)
+        except _NothingSent as exc:
+            if reused and retry:
+                client.close()
+                return await self._send_once(mail_from, recipients, data, retry=False)
+            return _everyone(recipients, "temporary", 0, str(exc))
+        except (SMTPException, OSError) as exc:
+            return _everyone(recipients, "temporary", 0, _error_text(exc))
+        finally:
+            if keep:
+                self._idle.append(client)
+            else:
+                client.close()
+
+    async def aclose(self) -> None:
+        """Say QUIT on every idle connection and refuse further sends."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for client in idle:
+            try:
+                await _quit(client)
+            finally:
+                client.close()
+
+
+def deliver_maildir(maildir: Path, data: bytes) -> str:
+    """Write ``data`` to ``maildir/tmp`` then rename it into ``maildir/new``; return the name.
+
+    Both the file and the ``new`` directory are fsynced, so a returned name survives a crash.
+    """
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
+    name = f"{time.time_ns() // 1_000_000_000}.P{os.getpid()}R{secrets.token_hex(8)}.{host}"
+    tmp = maildir / "tmp" / name
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, maildir / "new" / name)
+    dir_fd = os.open(maildir / "new", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return name

@@ -1,0 +1,324 @@
+"""Outbound composition: exact header sets under hostile input, threading, signed ids."""
+
+from __future__ import annotations
+
+import base64
+import email
+import sys
+from datetime import UTC, datetime, timedelta, timezone
+from email import policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# The repo root is not on sys.path under plain `pytest` (no conftest or pythonpath setting yet).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from parsing.model import Address
+from responders.compose import (
+    MAX_REFERENCES,
+    compose,
+    message_id_for,
+    parse_own_message_id,
+    reply_token,
+    verify_reply_token,
+)
+from responders.render import SAMPLE_CONTEXT, Notice, Renderer
+from responders.threadindex import THREAD_INDEX_BYTES, thread_index
+
+SECRET = b"s" * 32
+SUPPORT = Address("support@example.com", "Example Support")
+ADA = Address("ada@customer.example", "Ada Lovelace")
+WHEN = datetime(2024, 5, 6, 9, 30, tzinfo=UTC)
+BASE_HEADERS = {
+    "from",
+    "to",
+    "subject",
+    "date",
+    "message-id",
+    "x-auto-response-suppress",
+    "thread-index",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+}
+
+
+def _parse(raw: bytes) -> EmailMessage:
+    msg = email.message_from_bytes(raw, policy=policy.default)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def _names(msg: EmailMessage) -> list[str]:
+    return [k.lower() for k in msg.keys()]
+
+
+def _build(subject: str = "Hello", name: str = "Ada Lovelace", **kwargs: Any) -> bytes:
+    notice = Notice(subject=subject, text="Body text\n", html=None)
+    kwargs.setdefault("date", WHEN)
+    to = [Address("ada@customer.example", name)]
+    return compose(notice, from_addr=SUPPORT, to=to, message_id="m1@example.com", **kwargs)
+
+
+HOSTILE = [
+    "a\r\nBcc: evil@x.example",
+    "a\nBcc: evil@x.example",
+    "a\rBcc: evil@x.example",
+    "=?utf-8?q?x=0D=0ABcc:_evil@x?=",
+    "=?utf-8?b?eA0KQmNjOiBldmlsQHg=?=",
+    "nested =?utf-8?q?=3D=3Futf-8=3Fq=3Fx=3D0D=3D0ABcc:=5Fevil@x=3F=3D?=",
+    "{{ 7*7 }}",
+    "x" * 5000,
+    "a\u2028Bcc: evil@x.example\u2029b",
+    "a\x00b\x1bc\x7fd\x85e\u202ef",
+    "Grüße aus Köln 👋\r\nBcc: evil@x",
+]
+
+
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_hostile_subject_never_adds_a_header(hostile: str) -> None:
+    raw = _build(subject=hostile)
+    msg = _parse(raw)
+    assert set(_names(msg)) == BASE_HEADERS
+    assert len(_names(msg)) == len(BASE_HEADERS)
+    subject = str(msg["Subject"])
+    assert all(ch.isprintable() for ch in subject)
+    assert len(subject) <= 200
+    assert b"\nBcc" not in raw and b"\rBcc" not in raw
+
+
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_hostile_display_name_never_adds_a_header(hostile: str) -> None:
+    msg = _parse(_build(name=hostile))
+    assert set(_names(msg)) == BASE_HEADERS
+    (to,) = msg["To"].addresses
+    assert to.addr_spec == "ada@customer.example"
+    assert all(ch.isprintable() for ch in to.display_name)
+
+
+def test_template_syntax_in_a_subject_stays_literal() -> None:
+    context = dict(SAMPLE_CONTEXT)
+    context["ticket"] = {**SAMPLE_CONTEXT["ticket"], "subject": "{{ 7*7 }} {% if 1 %}x{% endif %}"}  # type: ignore[dict-item]
+    notice = Renderer().render("acknowledgement", context)
+    msg = _parse(compose(notice, from_addr=SUPPORT, to=[ADA], message_id="m@example.com"))
+    assert msg["Subject"] == "[#SUP-1042] {{ 7*7 }} {% if 1 %}x{% endif %}"
+
+
+@pytest.mark.parametrize(
+    "addr",
+    ["ada@x.example\r\nBcc: e@x", "ada@x.example\n", "a b@x.example", "<a@x>", "ädä@x.example"],
+)
+def test_unsafe_addresses_are_rejected(addr: str) -> None:
+    notice = Notice("s", "t", None)
+    with pytest.raises(ValueError):
+        compose(notice, from_addr=SUPPORT, to=[Address(addr)], message_id="m@example.com")
+    with pytest.raises(ValueError):
+        compose(notice, from_addr=Address(addr), to=[ADA], message_id="m@example.com")
+
+
+def test_full_header_set_and_values() -> None:
+    notice = Notice("[#SUP-1] Hi", "text", "<p>html</p>")
+    raw = compose(
+        notice,
+        from_addr=SUPPORT,
+        to=[ADA],
+        cc=[Address("bob@customer.example", "Bob")],
+        message_id="sg.SUP-1.a.b@example.com",
+        in_reply_to="<parent@customer.example>",
+        references=["<root@customer.example>"],
+        reply_to=Address("support+tok@example.com", "Example Support"),
+        auto_submitted="auto-replied",
+        thread_topic="Hi",
+        date=WHEN,
+        extra_headers=[("X-Supportgate-Ticket", "SUP-1")],
+    )
+    assert b"\r\n" in raw and b"\n" not in raw.replace(b"\r\n", b"")
+    msg = _parse(raw)
+    assert _names(msg) == [
+        "from",
+        "to",
+        "cc",
+        "reply-to",
+        "subject",
+        "date",
+        "message-id",
+        "in-reply-to",
+        "references",
+        "auto-submitted",
+        "x-auto-response-suppress",
+        "thread-topic",
+        "thread-index",
+        "x-supportgate-ticket",
+        "mime-version",
+        "content-type",
+    ]
+    assert msg["From"] == "Example Support <support@example.com>"
+    assert msg["Cc"] == "Bob <bob@customer.example>"
+    assert msg["Message-ID"] == "<sg.SUP-1.a.b@example.com>"
+    assert msg["In-Reply-To"] == "<parent@customer.example>"
+    assert msg["References"].split() == ["<root@customer.example>", "<parent@customer.example>"]
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert msg["X-Auto-Response-Suppress"] == "All"
+    assert msg["Date"].datetime == WHEN
+    assert msg.get_content_type() == "multipart/alternative"
+    parts = [p.get_content_type() for p in msg.iter_parts()]
+    assert parts == ["text/plain", "text/html"]
+
+
+def test_references_are_capped_keeping_the_root() -> None:
+    refs = [f"<r{i}@customer.example>" for i in range(40)]
+    msg = _parse(_build(references=refs, in_reply_to="<r39@customer.example>"))
+    ids = msg["References"].split()
+    assert len(ids) == MAX_REFERENCES
+    assert ids[0] == "<r0@customer.example>"
+    assert ids[1:] == refs[-(MAX_REFERENCES - 1) :]
+
+
+def test_long_and_bad_ids_keep_threading_intact() -> None:
+    long_id = "<" + "x" * 150 + "@outlook.example>"
+    msg = _parse(
+        _build(in_reply_to=long_id, references=["<ok@a.example>", "bad id <x>", "<\r\nBcc:@x>"])
+    )
+    assert msg["In-Reply-To"] == long_id
+    assert msg["References"].split() == ["<ok@a.example>", long_id]
+    assert set(_names(msg)) == BASE_HEADERS | {"in-reply-to", "references"}
+
+
+def test_thread_index_is_22_bytes_and_stable_per_thread() -> None:
+    first = _parse(_build(references=["<root@c.example>"]))
+    later = _parse(
+        _build(references=["<root@c.example>", "<x@c.example>"], date=WHEN + timedelta(days=2))
+    )
+    a = base64.b64decode(str(first["Thread-Index"]))
+    b = base64.b64decode(str(later["Thread-Index"]))
+    assert len(a) == len(b) == THREAD_INDEX_BYTES
+    assert a[0] == b[0] == 1
+    assert a[6:] == b[6:]  # same conversation GUID
+    assert a[1:6] < b[1:6]  # later FILETIME
+
+
+def test_thread_index_time_field_is_the_filetime() -> None:
+    raw = base64.b64decode(thread_index(seed="x", date=datetime(1601, 1, 1, tzinfo=UTC)))
+    assert raw[1:6] == b"\x00" * 5
+    raw = base64.b64decode(thread_index(seed="x", date=WHEN))
+    filetime = int((WHEN.timestamp() + 11644473600) * 10_000_000)
+    assert int.from_bytes(raw[1:6], "big") == filetime >> 24
+
+
+def test_non_ascii_round_trips() -> None:
+    notice = Notice("Grüße, ça va? 日本語", "Grüße aus Köln\n", "<p>Grüße</p>")
+    raw = compose(
+        notice,
+        from_addr=Address("support@example.com", "Süpport Team"),
+        to=[Address("jose@customer.example", "José Núñez")],
+        message_id="m@example.com",
+        thread_topic="Grüße",
+        date=WHEN,
+    )
+    assert raw.isascii()
+    msg = _parse(raw)
+    assert msg["Subject"] == "Grüße, ça va? 日本語"
+    assert msg["To"].addresses[0].display_name == "José Núñez"
+    assert msg["From"].addresses[0].display_name == "Süpport Team"
+    assert msg["Thread-Topic"] == "Grüße"
+    text = msg.get_body(("plain",))
+    assert text is not None and text.get_content().splitlines() == ["Grüße aus Köln"]
+
+
+def test_attachments_and_alternative() -> None:
+    notice = Notice("s", "text", "<p>h</p>")
+    raw = compose(
+        notice,
+        from_addr=SUPPORT,
+        to=[ADA],
+        message_id="m@example.com",
+        attachments=[("../../etc/passwd\r\nX: y", "text/csv", b"a,b\n1,2\n")],
+    )
+    msg = _parse(raw)
+    assert msg.get_content_type() == "multipart/mixed"
+    (attachment,) = list(msg.iter_attachments())
+    assert attachment.get_filename() == ".._.._etc_passwd X: y"
+    assert attachment.get_content().splitlines() == ["a,b", "1,2"]
+
+
+def test_extra_headers_cannot_shadow_ours() -> None:
+    for name in ("From", "bcc", "Message-ID", "Bad Name", "X-A:b"):
+        with pytest.raises(ValueError):
+            _build(extra_headers=[(name, "x")])
+
+
+def test_naive_date_and_bad_message_id_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        _build(date=datetime(2024, 1, 1))
+    with pytest.raises(ValueError):
+        compose(Notice("s", "t", None), from_addr=SUPPORT, to=[ADA], message_id="a b@x")
+
+
+def test_date_keeps_its_offset() -> None:
+    when = datetime(2024, 5, 6, 11, 30, tzinfo=timezone(timedelta(hours=2)))
+    msg = _parse(_build(date=when))
+    assert msg["Date"].datetime == when
+
+
+# Signed identifiers
+
+
+def test_message_id_round_trips() -> None:
+    mid = message_id_for(ticket_ref="SUP-1042", domain="example.com", secret=SECRET, unique="a1b2")
+    local, _, domain = mid.partition("@")
+    assert domain == "example.com"
+    sg, ref, unique, mac = local.split(".")
+    assert (sg, ref, unique, len(mac)) == ("sg", "SUP-1042", "a1b2", 10)
+    assert parse_own_message_id(mid, domain="example.com", secret=SECRET) == "SUP-1042"
+    assert parse_own_message_id(f"<{mid}>", domain="EXAMPLE.com", secret=SECRET) == "SUP-1042"
+
+
+def _flip(text: str, index: int) -> str:
+    ch = text[index]
+    other = "b" if ch != "b" else "c"
+    return text[:index] + other + text[index + 1 :]
+
+
+def test_message_id_rejects_tampering() -> None:
+    mid = message_id_for(ticket_ref="SUP-1042", domain="example.com", secret=SECRET, unique="a1b2")
+    other = message_id_for(ticket_ref="SUP-7", domain="example.com", secret=SECRET, unique="a1b2")
+    forged = mid.replace("SUP-1042", "SUP-7")
+    at = mid.index("@")
+    for bad in (
+        forged,
+        _flip(mid, at - 1),
+        _flip(mid, 4),
+        mid.replace("@example.com", "@evil.example"),
+        other.split(".")[0] + ".SUP-1042." + ".".join(other.split(".")[2:]),
+        "sg.SUP-1042.a1b2@example.com",
+        "random@example.com",
+    ):
+        assert parse_own_message_id(bad, domain="example.com", secret=SECRET) is None, bad
+    assert parse_own_message_id(mid, domain="example.com", secret=b"t" * 32) is None
+
+
+def test_reply_token_round_trips_and_is_local_part_safe() -> None:
+    agent_token = reply_token(ticket_ref="SUP-1042", agent="Sam@Example.com", secret=SECRET)
+    requester_token = reply_token(ticket_ref="SUP-1042", agent="", secret=SECRET)
+    for token in (agent_token, requester_token):
+        assert token == token.lower() and token.isalnum() and token.isascii()
+    assert verify_reply_token(agent_token, secret=SECRET) == ("SUP-1042", "sam@example.com")
+    assert verify_reply_token(requester_token, secret=SECRET) == ("SUP-1042", "")
+    assert verify_reply_token(agent_token.upper(), secret=SECRET) == ("SUP-1042", "sam@example.com")
+    assert len("support+" + requester_token) <= 64
+
+
+def test_reply_token_rejects_tampering() -> None:
+    token = reply_token(ticket_ref="SUP-1042", agent="sam@example.com", secret=SECRET)
+    other = reply_token(ticket_ref="SUP-7", agent="sam@example.com", secret=SECRET)
+    for index in range(len(token)):
+        assert verify_reply_token(_flip(token, index), secret=SECRET) is None, index
+    assert verify_reply_token(token, secret=b"t" * 32) is None
+    assert verify_reply_token(other, secret=SECRET) == ("SUP-7", "sam@example.com")
+    spliced = other[: len(other) // 2] + token[len(token) // 2 :]
+    assert verify_reply_token(spliced, secret=SECRET) is None
+    for bad in ("", "!!!", token[:-1], token + "a", "a" * 80):
+        assert verify_reply_token(bad, secret=SECRET) is None
