@@ -36,18 +36,24 @@ class Clock:
 
 
 def write_config(
-    folder: Path, *, database_url: str = "", extra: str = "", smtp_port: int | None = None,
+    folder: Path,
+    *,
+    database_url: str = "",
+    extra: str = "",
+    smtp_port: int | None = None,
     smarthost: str = "",
 ) -> Path:
     """The example config with the test's database, port and smarthost, plus extra TOML."""
     text = EXAMPLE.read_text()
     if database_url:
-        text = text.replace('url = "sqlite+aiosqlite:///var/supportgate.db"', f'url = "{database_url}"')
+        text = text.replace(
+            'url = "sqlite+aiosqlite:///var/supportgate.db"', f'url = "{database_url}"'
+        )
     port = smtp_port or free_port()
     text = text.replace('listen = ["127.0.0.1:2525"]', f'listen = ["127.0.0.1:{port}"]')
     text = text.replace('smarthost = ""', f'smarthost = "{smarthost}"')
     text = text.replace("parse_workers = 1 ", "parse_workers = 0 ")
-    text = text.replace('tick_seconds = 30.0', 'tick_seconds = 0.2')
+    text = text.replace("tick_seconds = 30.0", "tick_seconds = 0.2")
     path = folder / "supportgate.toml"
     path.write_text(text + "\n" + extra)
     return path
@@ -98,7 +104,9 @@ def smarthost() -> str:
 async def app(
     tmp_path: Path, database_url: str, clock: Clock, config_extra: str, smarthost: str
 ) -> AsyncIterator[App]:
-    path = write_config(tmp_path, database_url=database_url, extra=config_extra, smarthost=smarthost)
+    path = write_config(
+        tmp_path, database_url=database_url, extra=config_extra, smarthost=smarthost
+    )
     config = load_config(path)
     import asyncio
 

@@ -76,7 +76,9 @@ def postgres_server() -> Iterator[str]:
     )
     options = f"-c listen_addresses=127.0.0.1 -p {port} -k {base} -c fsync=off"
     subprocess.run(
-        _as_postgres([pg_ctl, "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start"]),
+        _as_postgres(
+            [pg_ctl, "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start"]
+        ),
         check=True,
         capture_output=True,
     )

@@ -1,0 +1,288 @@
+"""Queueing outbound mail in the caller's transaction, and the worker that delivers it.
+
+A delivery row is written in the same transaction as the ticket change that caused it, so a
+mail is never lost; a crash between the relay's 250 and our commit can at worst send the same
+Message-ID twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.app import App
+from gateway.classify import is_mailer_daemon
+from gateway.config import Config
+from gateway.models import Delivery, DeliveryAttempt, Suppression, Ticket
+from responders.transport import RecipientResult, Relay, SendResult, SmtpPool, deliver_maildir
+
+log = logging.getLogger(__name__)
+
+
+def verp_address(config: Config, delivery_id: int) -> str:
+    """bounces+<id>-<mac>@domain: a bounce names the exact delivery it is about."""
+    mac = hmac.new(config.secret, f"delivery:{delivery_id}".encode(), hashlib.sha256)
+    local = f"{config.gateway.bounce_local}+{delivery_id}-{mac.hexdigest()[:10]}"
+    return f"{local}@{config.gateway.domain}"
+
+
+def delivery_from_verp(config: Config, address: str) -> int | None:
+    local, _, domain = address.lower().rpartition("@")
+    base, plus, tag = local.partition("+")
+    if domain != config.gateway.domain or base != config.gateway.bounce_local or not plus:
+        return None
+    ident, _, mac = tag.partition("-")
+    if not ident.isdigit():
+        return None
+    expected = verp_address(config, int(ident)).rpartition("@")[0].rpartition("-")[2]
+    return int(ident) if hmac.compare_digest(mac, expected) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    allowed: bool
+    reason: str = ""
+    suppressed: bool = False
+
+
+async def automatic_gate(
+    session: AsyncSession,
+    config: Config,
+    *,
+    recipient: str,
+    kind: str,
+    ticket: Ticket | None,
+    now: datetime,
+    capped: bool = True,
+) -> Gate:
+    """Whether mail may go to `recipient`: the loop rules of DESIGN.md.
+
+    Suppression applies to all mail; the caps only to automatic mail to outsiders.
+    """
+    if not recipient or config.is_ours(recipient) or is_mailer_daemon(recipient):
+        return Gate(False, "not to our own or a daemon address")
+    suppressed = await session.get(Suppression, recipient)
+    if suppressed is not None and suppressed.expires_at > now:
+        return Gate(False, f"suppressed: {suppressed.reason}", suppressed=True)
+    if not capped:
+        return Gate(True)
+    hour = await session.scalar(
+        select(func.count(Delivery.id)).where(
+            Delivery.recipient == recipient,
+            Delivery.automatic.is_(True),
+            Delivery.status != "suppressed",
+            Delivery.created_at > now - timedelta(hours=1),
+        )
+    )
+    if (hour or 0) >= config.limits.auto_per_sender_per_hour:
+        return Gate(False, f"hourly cap of {config.limits.auto_per_sender_per_hour} reached")
+    if kind == "acknowledgement" and ticket is not None:
+        day = await session.scalar(
+            select(func.count(Delivery.id)).where(
+                Delivery.recipient == recipient,
+                Delivery.ticket_id == ticket.id,
+                Delivery.kind == "acknowledgement",
+                Delivery.created_at > now - timedelta(days=1),
+            )
+        )
+        if (day or 0) >= config.limits.acks_per_ticket_per_day:
+            return Gate(False, "already acknowledged today")
+    return Gate(True)
+
+
+async def enqueue(
+    session: AsyncSession,
+    config: Config,
+    *,
+    data: bytes,
+    message_id: str,
+    recipients: Sequence[str],
+    kind: str,
+    automatic: bool,
+    now: datetime,
+    ticket: Ticket | None = None,
+    message_row: int | None = None,
+    status: str = "queued",
+    note: str = "",
+) -> list[Delivery]:
+    """One delivery row per recipient, in the caller's transaction."""
+    rows = []
+    for recipient in recipients:
+        row = Delivery(
+            ticket_id=ticket.id if ticket else None,
+            message_row=message_row,
+            kind=kind,
+            automatic=automatic,
+            message_id=message_id,
+            mail_from="",
+            recipient=recipient,
+            data=data,
+            status=status,
+            attempts=0,
+            last_error=note,
+            created_at=now,
+            # Due at once by the real clock too, even when a timer ran at a simulated time.
+            next_attempt_at=min(now, datetime.now(UTC)) if status == "queued" else None,
+            deadline_at=now + timedelta(hours=config.outbound.retry_deadline_hours),
+        )
+        session.add(row)
+        rows.append(row)
+    await session.flush()
+    for row in rows:
+        row.mail_from = verp_address(config, row.id)
+    return rows
+
+
+def backoff(attempts: int, *, base: float) -> timedelta:
+    """Exponential backoff with jitter, capped at four hours."""
+    delay = min(base * (2 ** max(attempts - 1, 0)), 4 * 3600)
+    return timedelta(seconds=delay * random.uniform(0.8, 1.2))
+
+
+class OutboxWorker:
+    """Delivers what is due; a row is claimed for a while so two workers never send it twice."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        out = app.config.outbound
+        self.relay: Relay | None = None
+        if out.smarthost:
+            host, _, port = out.smarthost.rpartition(":")
+            password = ""
+            if out.password_env:
+                from gateway.config import read_secret
+
+                password = read_secret(
+                    __import__("os").environ, out.password_env, what="smarthost password"
+                )
+            self.relay = Relay(
+                host=host,
+                port=int(port),
+                starttls=out.starttls,
+                username=out.username,
+                password=password,
+                timeout=out.timeout_seconds,
+                tls_verify=out.tls_verify,
+                ca_file=out.ca_file,
+                helo_name=app.config.smtp.hostname or app.config.gateway.domain,
+            )
+        self.pool = SmtpPool(self.relay, size=out.pool_size) if self.relay else None
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.aclose()
+
+    async def _claim(self, limit: int) -> list[Delivery]:
+        now = self.app.clock()
+        async with self.app.sessions() as session, session.begin():
+            query = (
+                select(Delivery)
+                .where(
+                    Delivery.status.in_(("queued", "deferred")),
+                    Delivery.next_attempt_at <= now,
+                    or_(Delivery.claimed_until.is_(None), Delivery.claimed_until < now),
+                )
+                .order_by(Delivery.next_attempt_at, Delivery.id)
+                .limit(limit)
+            )
+            if session.get_bind().dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            rows = list((await session.execute(query)).scalars())
+            for row in rows:
+                row.claimed_until = now + timedelta(
+                    seconds=self.app.config.outbound.timeout_seconds * 4
+                )
+        return rows
+
+    async def _send(self, row: Delivery) -> SendResult | str:
+        if self.pool is None:
+            name = await asyncio.to_thread(deliver_maildir, self.app.maildir, row.data)
+            return f"maildir:{name}"
+        return await self.pool.send(
+            mail_from=row.mail_from, recipients=[row.recipient], data=row.data
+        )
+
+    async def _record(self, row: Delivery, result: SendResult | str) -> None:
+        now = self.app.clock()
+        async with self.app.sessions() as session, session.begin():
+            live = await session.get(Delivery, row.id)
+            if live is None:
+                return
+            live.attempts += 1
+            live.claimed_until = None
+            if isinstance(result, str):
+                outcome, code, reply = "sent", 250, result
+            else:
+                (first,) = result.per_recipient
+                outcome, code, reply = first.outcome, first.code, first.reply
+            session.add(
+                DeliveryAttempt(
+                    delivery_id=live.id, at=now, outcome=outcome, code=code, reply=reply[:2000]
+                )
+            )
+            if outcome == "sent":
+                live.status = "sent"
+                live.sent_at = now
+                live.next_attempt_at = None
+                live.last_error = ""
+            elif outcome == "permanent":
+                live.status = "failed"
+                live.next_attempt_at = None
+                live.last_error = f"{code} {reply}"[:2000]
+            else:
+                live.last_error = f"{code} {reply}".strip()[:2000]
+                retry_at = now + backoff(
+                    live.attempts, base=self.app.config.outbound.retry_base_seconds
+                )
+                if retry_at > live.deadline_at:
+                    live.status = "failed"
+                    live.next_attempt_at = None
+                    live.last_error = f"gave up after {live.attempts} attempts: {live.last_error}"
+                else:
+                    live.status = "deferred"
+                    live.next_attempt_at = retry_at
+        log.info("delivery %s to %s: %s", row.id, row.kind, outcome)
+
+    async def flush(self, *, limit: int = 200) -> int:
+        """Deliver everything due now; returns how many attempts were made."""
+        total = 0
+        while True:
+            rows = await self._claim(limit)
+            if not rows:
+                return total
+            results = await asyncio.gather(*(self._send(r) for r in rows), return_exceptions=True)
+            for row, result in zip(rows, results, strict=True):
+                if isinstance(result, BaseException):
+                    log.error("delivery %s raised %s", row.id, type(result).__name__)
+                    failure = RecipientResult(
+                        recipient=row.recipient,
+                        outcome="temporary",
+                        code=0,
+                        reply=f"internal error: {type(result).__name__}",
+                    )
+                    result = SendResult(per_recipient=(failure,))
+                await self._record(row, result)
+            total += len(rows)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("outbox pass failed")
+            self.app.wake_outbox.clear()
+            try:
+                await asyncio.wait_for(
+                    self.app.wake_outbox.wait(), self.app.config.outbound.poll_seconds
+                )
+            except TimeoutError:
+                pass

@@ -1,0 +1,374 @@
+"""The mail flow after the 250, on one screen: parse → classify → thread → apply → respond.
+
+Each stored message goes through `STEPS` in order inside its own savepoint. A step may end the
+message's journey by raising `Done` (recorded: a duplicate, a bounce, a refused forward); any
+other error sends the raw mail to quarantine with the reason, to be retried or reprocessed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway import agents, bounces, forwards
+from gateway.app import App
+from gateway.classify import Classification, classify
+from gateway.correlate import Thread, find_duplicate, find_thread
+from gateway.models import Message, RawMail, Ticket
+from gateway.notices import Reply, send_notice
+from gateway.tickets import (
+    add_inbound_message,
+    add_participants,
+    create_ticket,
+    set_status,
+    urgent_by_rules,
+)
+from parsing.mime import MessageRejected
+from parsing.model import Address, ParsedMessage
+
+log = logging.getLogger(__name__)
+
+
+class Done(Exception):
+    """This message needs nothing more: the state says what became of it."""
+
+    def __init__(self, state: str, note: str = "") -> None:
+        super().__init__(note or state)
+        self.state = state
+        self.note = note
+
+
+@dataclass
+class Work:
+    """One message on its way through the steps."""
+
+    raw: RawMail
+    parsed: ParsedMessage
+    now: datetime
+    classification: Classification | None = None
+    agent: str = ""  # verified agent address, "" otherwise
+    forward: forwards.ForwardCheck | None = None
+    thread: Thread | None = None
+    ticket: Ticket | None = None
+    message: Message | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sender(self) -> str:
+        return self.parsed.from_addr.addr if self.parsed.from_addr else ""
+
+
+Step = Callable[[AsyncSession, App, Work], Awaitable[None]]
+
+
+async def dedupe(session: AsyncSession, app: App, work: Work) -> None:
+    """The same Message-ID with the same content is stored once; its mailboxes are merged."""
+    duplicate = await find_duplicate(session, work.parsed)
+    if duplicate is None:
+        return
+    merged = sorted({*duplicate.mailboxes, *_our_mailboxes(app, work)})
+    if merged != sorted(duplicate.mailboxes):
+        duplicate.mailboxes = merged
+    raise Done("duplicate", f"duplicate of message {duplicate.id}")
+
+
+async def classify_step(session: AsyncSession, app: App, work: Work) -> None:
+    work.agent = await agents.verify_sender(session, app, work.raw, work.parsed)
+    if app.config.is_staff(work.sender):
+        work.forward = forwards.check_forward(app.config, work.parsed)
+    work.classification = classify(
+        work.parsed,
+        app.config,
+        mail_from=work.raw.mail_from,
+        rcpt_tos=work.raw.rcpt_tos,
+        forward=work.forward is not None,
+        agent_verified=bool(work.agent),
+    )
+
+
+async def bounce_step(session: AsyncSession, app: App, work: Work) -> None:
+    """Delivery reports are recorded against the delivery they are about, never ticketed."""
+    assert work.classification is not None
+    if work.classification.kind == "bounce":
+        note = await bounces.record(session, app, work.raw, work.parsed, now=work.now)
+        raise Done("processed", note)
+
+
+async def forward_step(session: AsyncSession, app: App, work: Work) -> None:
+    """A staff forward without its context is refused; a complete one makes the ticket."""
+    assert work.classification is not None
+    if not app.config.is_staff(work.sender):
+        return
+    if await forwards.completion(session, app, work):
+        state = f"{work.ticket.ref}: forward completed" if work.ticket else "forward refused again"
+        raise Done("processed", state)
+    if work.classification.kind == "staff-forward" and work.forward is not None:
+        await forwards.handle(session, app, work)
+
+
+async def thread_step(session: AsyncSession, app: App, work: Work) -> None:
+    work.thread = await find_thread(session, app.config, work.parsed, rcpt_tos=work.raw.rcpt_tos)
+    work.ticket = work.thread.ticket
+
+
+async def apply_step(session: AsyncSession, app: App, work: Work) -> None:
+    """Store the message on its ticket (a new one if it threads nowhere)."""
+    assert work.classification is not None and work.thread is not None
+    kind = work.classification.kind
+    if kind == "agent" and work.agent:
+        await agents.handle(session, app, work)
+        return
+    if work.ticket is None:
+        work.ticket = await _new_ticket(session, app, work)
+    unverified = kind == "agent"
+    work.message = await add_inbound_message(
+        session,
+        work.ticket,
+        work.parsed,
+        raw_id=work.raw.id,
+        kind="note" if unverified else ("auto" if work.classification.automatic else "public"),
+        classification=kind,
+        threaded_by=work.thread.threaded_by,
+        mailboxes=_our_mailboxes(app, work),
+        now=work.now,
+        attachments_dir=app.attachments_dir,
+    )
+    if unverified:
+        await agents.unverified(session, app, work)
+        return
+    if work.classification.automatic:
+        return
+    ticket = work.ticket
+    ticket.last_customer_at = work.now
+    await add_participants(session, ticket, _copied_people(app, work), role="cc")
+    if ticket.status in ("pending", "solved"):
+        set_status(
+            session,
+            app.config,
+            ticket,
+            "open",
+            now=work.now,
+            actor=work.sender,
+            message=work.message,
+        )
+    # A customer reply cancels the nudge and auto-close timers.
+    ticket.nudge_due_at = ticket.autoclose_due_at = None
+
+
+async def respond_step(session: AsyncSession, app: App, work: Work) -> None:
+    """The acknowledgement for a new ticket and the note to the agents."""
+    assert work.classification is not None and work.thread is not None
+    if work.classification.kind != "customer" or work.ticket is None or work.message is None:
+        return
+    reply = Reply(
+        message_id=work.parsed.message_id,
+        references=work.parsed.references,
+        new_text=work.parsed.new_text,
+        from_addr=work.sender,
+        from_name=work.parsed.from_addr.name if work.parsed.from_addr else "",
+    )
+    if work.thread.ticket is None:
+        await send_notice(
+            session,
+            app,
+            work.ticket,
+            "acknowledgement",
+            to=[_requester(work)],
+            now=work.now,
+            reply=reply,
+        )
+    await agents.notify(session, app, work.ticket, work.message, reply=reply, now=work.now)
+
+
+STEPS: tuple[tuple[str, Step], ...] = (
+    ("dedupe", dedupe),
+    ("classify", classify_step),
+    ("bounce", bounce_step),
+    ("forward", forward_step),
+    ("thread", thread_step),
+    ("apply", apply_step),
+    ("respond", respond_step),
+)
+
+
+# -- helpers for the steps ---------------------------------------------------------------------
+
+
+def _our_mailboxes(app: App, work: Work) -> list[str]:
+    boxes = {box.address for r in work.raw.rcpt_tos if (box := app.config.mailbox_for(r))}
+    return sorted(boxes)
+
+
+def _requester(work: Work) -> Address:
+    assert work.ticket is not None
+    return Address(work.ticket.reply_to or work.ticket.requester, work.ticket.requester_name)
+
+
+def _copied_people(app: App, work: Work) -> list[Address]:
+    sender = work.sender
+    people = [*work.parsed.to, *work.parsed.cc]
+    return [p for p in people if p.addr != sender and not app.config.is_ours(p.addr)]
+
+
+async def _new_ticket(session: AsyncSession, app: App, work: Work) -> Ticket:
+    config = app.config
+    assert work.thread is not None
+    mailbox = next(iter(_our_mailboxes(app, work)), "")
+    if not mailbox and work.raw.source.startswith("imap:"):
+        account = next((a for a in config.imap if f"imap:{a.name}"[:16] == work.raw.source), None)
+        queue = account.queue if account else config.mailbox[0].queue
+        box = next((b for b in config.mailbox if b.queue == queue), config.mailbox[0])
+        mailbox = box.address
+    box = config.mailbox_for(mailbox) or config.mailbox[0]
+    requester = work.parsed.from_addr or Address(work.raw.mail_from or "unknown@invalid")
+    text = f"{work.parsed.subject}\n{work.parsed.new_text}"
+    priority = "urgent" if urgent_by_rules(config, text) else "normal"
+    reply_to = work.parsed.reply_to[0].addr if work.parsed.reply_to else ""
+    return await create_ticket(
+        session,
+        config,
+        queue=box.queue,
+        mailbox=box.address,
+        requester=requester,
+        subject=work.parsed.subject,
+        now=work.now,
+        reply_to=reply_to if reply_to != requester.addr else "",
+        priority=priority,
+        follow_up_of=work.thread.follow_up_of,
+        thread_root=work.parsed.message_id,
+    )
+
+
+# -- running the steps over stored mail --------------------------------------------------------
+
+
+async def _run_steps(session: AsyncSession, app: App, work: Work) -> tuple[str, str]:
+    for _name, step in STEPS:
+        try:
+            await step(session, app, work)
+        except Done as done:
+            return done.state, done.note
+    ticket = work.ticket.ref if work.ticket else "-"
+    return "processed", f"{ticket}: {work.thread.threaded_by if work.thread else ''}"
+
+
+async def process_one(app: App, raw: RawMail, parsed: ParsedMessage | Exception) -> str:
+    """Process one stored message in its own transaction; returns its new state."""
+    now = app.clock()
+    if isinstance(parsed, MessageRejected):
+        # Deterministic: retrying a bomb only burns time, so it waits for a person.
+        await _mark(
+            app,
+            raw.id,
+            "quarantined",
+            str(parsed),
+            now=now,
+            attempts=app.config.pipeline.max_attempts,
+        )
+        return "quarantined"
+    if isinstance(parsed, Exception):
+        await _mark(app, raw.id, "quarantined", f"parse failed: {parsed!r}"[:2000], now=now)
+        return "quarantined"
+    try:
+        async with app.sessions() as session, session.begin():
+            live = await session.get(RawMail, raw.id)
+            if live is None or live.state != "received":
+                return live.state if live else "missing"
+            state, note = await _run_steps(session, app, Work(raw=live, parsed=parsed, now=now))
+            live.state = state
+            live.processed_at = now
+            live.note = note[:2000]
+            live.claimed_until = None
+        return state
+    except Exception as exc:
+        log.exception("message %s failed in the pipeline", raw.id)
+        await _mark(app, raw.id, "quarantined", f"{type(exc).__name__}: {exc}"[:2000], now=now)
+        return "quarantined"
+
+
+async def _mark(
+    app: App, raw_id: int, state: str, error: str, *, now: datetime, attempts: int | None = None
+) -> None:
+    async with app.sessions() as session, session.begin():
+        values: dict[str, object] = {
+            "state": state,
+            "note": error,
+            "claimed_until": None,
+            "processed_at": now,
+            "attempts": RawMail.attempts + 1 if attempts is None else attempts,
+        }
+        await session.execute(update(RawMail).where(RawMail.id == raw_id).values(**values))
+
+
+async def _claim(app: App, limit: int) -> list[RawMail]:
+    """The oldest received mail, claimed so another process does not take it too."""
+    now = app.clock()
+    async with app.sessions() as session, session.begin():
+        query = (
+            select(RawMail)
+            .where(
+                RawMail.state == "received",
+                or_(RawMail.claimed_until.is_(None), RawMail.claimed_until < now),
+            )
+            .order_by(RawMail.id)
+            .limit(limit)
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        rows = list((await session.execute(query)).scalars())
+        for row in rows:
+            row.claimed_until = now + timedelta(minutes=10)
+    return rows
+
+
+async def process_pending(app: App, *, limit: int | None = None) -> dict[str, int]:
+    """Process received mail until none is left; returns counts by resulting state."""
+    counts: dict[str, int] = {}
+    batch = app.config.pipeline.batch
+    while True:
+        rows = await _claim(app, batch)
+        if not rows:
+            return counts
+        parsed = await asyncio.gather(
+            *(app.parser.parse(r.data) for r in rows), return_exceptions=True
+        )
+        for raw, result in zip(rows, parsed, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+            state = await process_one(app, raw, result)
+            counts[state] = counts.get(state, 0) + 1
+        if limit is not None and sum(counts.values()) >= limit:
+            return counts
+
+
+async def retry_quarantined(app: App) -> int:
+    """Put mail that failed fewer than `max_attempts` times back in line."""
+    async with app.sessions() as session, session.begin():
+        result = await session.execute(
+            update(RawMail)
+            .where(
+                RawMail.state == "quarantined", RawMail.attempts < app.config.pipeline.max_attempts
+            )
+            .values(state="received")
+        )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+async def run(app: App) -> None:
+    """The pipeline task in `serve`: woken by the spool, and by a slow tick as a safety net."""
+    while True:
+        try:
+            await process_pending(app)
+        except Exception:
+            log.exception("pipeline pass failed")
+        app.wake_pipeline.clear()
+        try:
+            await asyncio.wait_for(app.wake_pipeline.wait(), 5.0)
+        except TimeoutError:
+            pass

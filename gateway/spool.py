@@ -1,0 +1,127 @@
+"""Durable intake: raw bytes and envelope committed before anyone is told "250".
+
+One writer task owns the inserts and commits whatever is queued in one transaction (group
+commit); each caller waits for the commit that holds its message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from gateway.models import RawMail
+from parsing.headers import threading_headers
+
+log = logging.getLogger(__name__)
+
+
+class SpoolError(RuntimeError):
+    """The message could not be stored; the sender should try again later."""
+
+
+@dataclass
+class _Pending:
+    row: dict[str, object]
+    done: asyncio.Future[int] = field(repr=False)
+
+
+def raw_row(
+    data: bytes, *, mail_from: str, rcpt_tos: list[str], source: str, now: datetime
+) -> dict[str, object]:
+    msgid, irt, refs = threading_headers(data)
+    return {
+        "received_at": now,
+        "source": source[:16],
+        "mail_from": mail_from[:512],
+        "rcpt_tos": [r.lower() for r in rcpt_tos],
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "data": data,
+        "message_id": msgid[:512],
+        "in_reply_to": irt,
+        "references": refs,
+        "state": "received",
+        "attempts": 0,
+        "note": "",
+    }
+
+
+async def insert_raw(session: AsyncSession, rows: list[dict[str, object]]) -> list[int]:
+    result = await session.execute(
+        insert(RawMail).returning(RawMail.id, sort_by_parameter_order=True), rows
+    )
+    return list(result.scalars())
+
+
+class Spool:
+    """Group-commit writer for received mail."""
+
+    def __init__(
+        self,
+        factory: async_sessionmaker[AsyncSession],
+        *,
+        clock: Callable[[], datetime],
+        max_batch: int = 500,
+        max_waiting: int = 5000,
+        on_stored: Callable[[], None] | None = None,
+    ) -> None:
+        self._factory = factory
+        self._clock = clock
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(max_waiting)
+        self._on_stored = on_stored
+
+    async def store(self, data: bytes, *, mail_from: str, rcpt_tos: list[str], source: str) -> int:
+        """Store one message durably; returns its id once committed, or raises SpoolError."""
+        row = raw_row(
+            data, mail_from=mail_from, rcpt_tos=rcpt_tos, source=source, now=self._clock()
+        )
+        pending = _Pending(row, asyncio.get_running_loop().create_future())
+        await self._queue.put(pending)
+        return await pending.done
+
+    async def run(self) -> None:
+        """The writer loop; runs until cancelled, failing whatever is still waiting."""
+        try:
+            while True:
+                batch = [await self._queue.get()]
+                while len(batch) < self._max_batch and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                await self._commit(batch)
+        finally:
+            while not self._queue.empty():
+                pending = self._queue.get_nowait()
+                if not pending.done.done():
+                    pending.done.set_exception(SpoolError("spool is shutting down"))
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            async with self._factory() as session, session.begin():
+                ids = await insert_raw(session, [p.row for p in batch])
+        except asyncio.CancelledError:
+            for pending in batch:
+                if not pending.done.done():
+                    pending.done.set_exception(SpoolError("spool is shutting down"))
+            raise
+        except Exception as exc:
+            if len(batch) > 1:
+                # One bad row must not fail its neighbours: retry them one by one.
+                for pending in batch:
+                    await self._commit([pending])
+                return
+            log.error("storing received mail failed: %s", type(exc).__name__)
+            if not batch[0].done.done():
+                batch[0].done.set_exception(SpoolError("storage failed"))
+            return
+        for pending, raw_id in zip(batch, ids, strict=True):
+            if not pending.done.done():
+                pending.done.set_result(raw_id)
+        if self._on_stored is not None:
+            self._on_stored()

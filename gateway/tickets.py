@@ -1,0 +1,375 @@
+"""Changes to tickets, each recorded in the audit log: the one place ticket state moves."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import nh3
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.config import Config
+from gateway.models import AttachmentRow, Event, Message, Participant, ThreadRef, Ticket
+from parsing.model import Address, Attachment, ParsedMessage
+from parsing.subject import normalise_subject
+
+STATUSES = ("new", "open", "pending", "solved", "closed")
+PRIORITIES = ("urgent", "high", "normal", "low")
+
+
+class TicketError(ValueError):
+    """A requested change that is not allowed; the text says why, for a person."""
+
+
+def urgent_by_rules(config: Config, text: str) -> bool:
+    return any(re.search(p, text, re.IGNORECASE) for p in config.priority.urgent_patterns)
+
+
+def event(
+    session: AsyncSession,
+    ticket: Ticket | None,
+    *,
+    at: datetime,
+    actor: str,
+    action: str,
+    old: str = "",
+    new: str = "",
+    message: Message | None = None,
+    **detail: Any,
+) -> None:
+    session.add(
+        Event(
+            ticket_id=ticket.id if ticket else None,
+            at=at,
+            actor=actor,
+            action=action,
+            old=old,
+            new=new,
+            message_row=message.id if message else None,
+            detail=detail,
+        )
+    )
+
+
+async def create_ticket(
+    session: AsyncSession,
+    config: Config,
+    *,
+    queue: str,
+    mailbox: str,
+    requester: Address,
+    subject: str,
+    now: datetime,
+    reply_to: str = "",
+    submitter: str = "",
+    priority: str = "normal",
+    follow_up_of: Ticket | None = None,
+    thread_root: str = "",
+    actor: str = "",
+) -> Ticket:
+    ticket = Ticket(
+        ref=f"new-{uuid.uuid4().hex[:24]}",
+        queue=queue,
+        mailbox=mailbox,
+        status="new",
+        priority=priority,
+        subject=normalise_subject(subject)[:1000] or "(no subject)",
+        requester=requester.addr,
+        requester_name=requester.name,
+        reply_to=reply_to,
+        submitter=submitter,
+        follow_up_of=follow_up_of.id if follow_up_of else None,
+        thread_root=thread_root,
+        created_at=now,
+        updated_at=now,
+        escalate_due_at=now + timedelta(minutes=config.timers.escalate_after_minutes),
+    )
+    session.add(ticket)
+    await session.flush()
+    ticket.ref = f"{config.gateway.ticket_prefix}-{ticket.id}"
+    await add_participants(session, ticket, [requester], role="requester")
+    event(
+        session,
+        ticket,
+        at=now,
+        actor=actor or requester.addr,
+        action="created",
+        new=queue,
+        follow_up_of=follow_up_of.ref if follow_up_of else "",
+    )
+    return ticket
+
+
+def _insert_ignore(session: AsyncSession, model: Any) -> Any:
+    dialect = session.get_bind().dialect.name
+    return (pg_insert if dialect == "postgresql" else sqlite_insert)(model)
+
+
+async def add_participants(
+    session: AsyncSession, ticket: Ticket, people: Iterable[Address], *, role: str
+) -> None:
+    rows = [
+        {"ticket_id": ticket.id, "address": p.addr, "name": p.name, "role": role} for p in people
+    ]
+    if rows:
+        stmt = _insert_ignore(session, Participant).values(rows)
+        await session.execute(stmt.on_conflict_do_nothing(index_elements=["ticket_id", "address"]))
+
+
+async def remember_ids(
+    session: AsyncSession, ticket: Ticket, *, stored: Sequence[str], referenced: Sequence[str]
+) -> None:
+    """Record Message-IDs for threading: ours and those stored mail pointed at."""
+    rows = [{"message_id": m, "ticket_id": ticket.id, "stored": True} for m in stored if m]
+    rows += [
+        {"message_id": m, "ticket_id": ticket.id, "stored": False}
+        for m in referenced
+        if m and m not in stored
+    ]
+    if rows:
+        stmt = _insert_ignore(session, ThreadRef).values(rows)
+        await session.execute(
+            stmt.on_conflict_do_nothing(index_elements=["message_id", "ticket_id"])
+        )
+
+
+def sanitise_html(html: str) -> str:
+    """Stored HTML is cleaned before anything could show it: no scripts, no handlers."""
+    return nh3.clean(html) if html else ""
+
+
+def save_attachment_bytes(directory: Path, data: bytes) -> str:
+    """Content-addressed storage: the name is the sha256, so a second copy costs nothing."""
+    digest = hashlib.sha256(data).hexdigest()
+    target = directory / digest[:2] / digest
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".tmp{uuid.uuid4().hex}")
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            import os
+
+            os.fsync(handle.fileno())
+        tmp.replace(target)
+    return digest
+
+
+async def add_inbound_message(
+    session: AsyncSession,
+    ticket: Ticket,
+    parsed: ParsedMessage,
+    *,
+    raw_id: int | None,
+    kind: str,
+    classification: str,
+    threaded_by: str,
+    mailboxes: list[str],
+    now: datetime,
+    attachments_dir: Path,
+    author: str = "",
+    verified: bool = False,
+    new_text: str | None = None,
+) -> Message:
+    message = Message(
+        ticket_id=ticket.id,
+        raw_id=raw_id,
+        direction="in",
+        kind=kind,
+        classification=classification,
+        message_id=parsed.message_id,
+        content_hash=parsed.content_hash,
+        from_addr=parsed.from_addr.addr if parsed.from_addr else "",
+        from_name=parsed.from_addr.name if parsed.from_addr else "",
+        to_addrs=[a.addr for a in parsed.to],
+        cc_addrs=[a.addr for a in parsed.cc],
+        mailboxes=mailboxes,
+        subject=parsed.subject,
+        text=parsed.text,
+        new_text=parsed.new_text if new_text is None else new_text,
+        html=sanitise_html(parsed.html),
+        threaded_by=threaded_by[:600],
+        author=author,
+        verified=verified,
+        sent_at=parsed.date if parsed.date and parsed.date.tzinfo else None,
+        created_at=now,
+    )
+    session.add(message)
+    await session.flush()
+    await store_attachments(session, message, parsed.attachments, attachments_dir)
+    await remember_ids(
+        session,
+        ticket,
+        stored=[parsed.message_id],
+        referenced=[*parsed.in_reply_to, *parsed.references],
+    )
+    ticket.updated_at = now
+    return message
+
+
+async def store_attachments(
+    session: AsyncSession, message: Message, attachments: Sequence[Attachment], directory: Path
+) -> None:
+    for item in attachments:
+        digest = save_attachment_bytes(directory, item.data)
+        session.add(
+            AttachmentRow(
+                message_id=message.id,
+                sha256=digest,
+                size=len(item.data),
+                content_type=item.content_type[:200],
+                filename=item.filename,
+                content_id=item.content_id[:512],
+                inline=item.inline,
+            )
+        )
+
+
+# -- state changes shared by the pipeline, agent commands and `tickets update` ----------------
+
+
+def set_status(
+    session: AsyncSession,
+    config: Config,
+    ticket: Ticket,
+    status: str,
+    *,
+    now: datetime,
+    actor: str,
+    message: Message | None = None,
+) -> bool:
+    """Move a ticket to `status` and set the timers that status implies."""
+    if status not in STATUSES:
+        raise TicketError(f"unknown status {status!r}: use one of {', '.join(STATUSES)}")
+    old = ticket.status
+    if old == status:
+        return False
+    ticket.status = status
+    ticket.updated_at = now
+    ticket.nudge_due_at = ticket.autoclose_due_at = ticket.close_due_at = None
+    if status == "pending":
+        ticket.nudge_due_at = now + timedelta(hours=config.timers.nudge_after_hours)
+    elif status == "solved":
+        ticket.solved_at = now
+        ticket.close_due_at = now + timedelta(days=config.timers.close_solved_after_days)
+    elif status == "closed":
+        ticket.closed_at = now
+        ticket.escalate_due_at = None
+    if status in ("solved", "closed"):
+        ticket.escalate_due_at = None
+    event(
+        session, ticket, at=now, actor=actor, action="status", old=old, new=status, message=message
+    )
+    return True
+
+
+def set_priority(
+    session: AsyncSession,
+    ticket: Ticket,
+    priority: str,
+    *,
+    now: datetime,
+    actor: str,
+    message: Message | None = None,
+) -> bool:
+    if priority not in PRIORITIES:
+        raise TicketError(f"unknown priority {priority!r}: use one of {', '.join(PRIORITIES)}")
+    if ticket.priority == priority:
+        return False
+    event(
+        session,
+        ticket,
+        at=now,
+        actor=actor,
+        action="priority",
+        old=ticket.priority,
+        new=priority,
+        message=message,
+    )
+    ticket.priority = priority
+    ticket.updated_at = now
+    return True
+
+
+def set_queue(
+    session: AsyncSession,
+    config: Config,
+    ticket: Ticket,
+    queue: str,
+    *,
+    now: datetime,
+    actor: str,
+    message: Message | None = None,
+) -> bool:
+    if config.queue_named(queue) is None:
+        names = ", ".join(q.name for q in config.queue)
+        raise TicketError(f"unknown queue {queue!r}: use one of {names}")
+    if ticket.queue == queue:
+        return False
+    event(
+        session,
+        ticket,
+        at=now,
+        actor=actor,
+        action="queue",
+        old=ticket.queue,
+        new=queue,
+        message=message,
+    )
+    ticket.queue = queue
+    ticket.updated_at = now
+    return True
+
+
+def resolve_agent(config: Config, who: str, *, me: str = "") -> str:
+    """An agent's address from an email, a name or `me`."""
+    who = who.strip()
+    if who.lower() == "me" and me:
+        who = me
+    found = config.agent_for(who)
+    if found is None:
+        matches = [a for a in config.agent if a.name.lower() == who.lower()]
+        found = matches[0] if len(matches) == 1 else None
+    if found is None:
+        raise TicketError(f"no agent called {who!r}: use an agent's email or name from the config")
+    return found.email
+
+
+def set_assignee(
+    session: AsyncSession,
+    ticket: Ticket,
+    assignee: str,
+    *,
+    now: datetime,
+    actor: str,
+    message: Message | None = None,
+) -> bool:
+    if ticket.assignee == assignee:
+        return False
+    event(
+        session,
+        ticket,
+        at=now,
+        actor=actor,
+        action="assign",
+        old=ticket.assignee,
+        new=assignee,
+        message=message,
+    )
+    ticket.assignee = assignee
+    ticket.updated_at = now
+    return True
+
+
+async def get_ticket(session: AsyncSession, ref: str) -> Ticket | None:
+    return (
+        await session.execute(select(Ticket).where(Ticket.ref == ref.strip().upper()))
+    ).scalar_one_or_none()
