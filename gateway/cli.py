@@ -124,7 +124,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if refusal:
         print(f"supportgate: refused: {refusal[10:]}", file=sys.stderr)
         return EX_DATAERR
-    sender = args.sender if args.sender is not None else os.environ.get("SENDER", "")
+    sender = args.sender if args.sender is not None else os.environ.get("SENDER")
+    if sender is None:
+        # No envelope sender given: take From's address rather than assume the null sender.
+        from parsing.headers import addresses
+
+        found = re.search(rb"^From:[ \t]*(.*(?:\r\n[ \t].*)*)", data, re.M | re.I)
+        sender = ""
+        if found:
+            parsed = addresses([found.group(1).decode("utf-8", "replace")])
+            sender = parsed[0].addr if parsed else ""
 
     async def body(app: App) -> int:
         async with app.sessions() as session, session.begin():
@@ -674,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recipient", help="envelope recipient (default $ORIGINAL_RECIPIENT or the first mailbox)"
     )
-    p.add_argument("--sender", help="envelope sender (default $SENDER)")
+    p.add_argument("--sender", help="envelope sender (default $SENDER, else From's address)")
     add("process", cmd_process, "process all received-but-unprocessed mail, then exit")
     p = add(
         "inspect",

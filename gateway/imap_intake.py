@@ -619,6 +619,13 @@ def _describe(exc: BaseException) -> str:
 def start_pollers(app: App, spool: Spool, group: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
     """One task per `[[imap]]` account; every account is checked before any task starts."""
     pollers = [ImapPoller(app, spool, account) for account in app.config.imap]
+    sources = [p.source for p in pollers]
+    for poller in pollers:
+        if sources.count(poller.source) > 1:
+            raise ConfigError(
+                f"[[imap]] names must differ in their first 11 characters ({poller.source!r} "
+                "is shared): raw_mail.source holds 16"
+            )
     return [group.create_task(p.run(), name=f"imap:{p.account.name}") for p in pollers]
 
 
