@@ -539,6 +539,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                 ),
                 "listen": app.config.smtp.listen,
             }
+            from gateway.imap_intake import imap_status
+
+            report["imap"] = await imap_status(app)
             oldest = await session.scalar(
                 select(func.min(Delivery.created_at)).where(
                     Delivery.status.in_(("queued", "deferred"))
@@ -552,6 +555,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             problems.append(f"{report['deliveries_failed_24h']} failed deliveries in 24 h")
         if oldest and now - oldest > timedelta(hours=1):
             problems.append("outbound mail has waited more than an hour")
+        for account in report["imap"]:
+            if account["last_error"]:
+                problems.append(f"IMAP {account['account']}: {account['last_error']}")
         if report["backlog"] > 1000:
             problems.append(f"{report['backlog']} messages wait for processing")
         report["attention"] = problems

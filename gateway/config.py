@@ -463,7 +463,16 @@ def _cross_check(loader: _Loader, cfg: Config) -> None:
                 "address",
                 f"{box.address!r} is not at gateway.domain {cfg.gateway.domain!r}",
             )
+    seen_sources: set[str] = set()
     for n, account in enumerate(cfg.imap):
+        source = f"imap:{account.name}"[:16]
+        if source in seen_sources:
+            raise loader.fail(
+                f"imap[{n}]", "name", "names must differ in their first 11 characters"
+            )
+        seen_sources.add(source)
+        if account.after_store == "move" and not account.move_to:
+            raise loader.fail(f"imap[{n}]", "move_to", 'is required with after_store = "move"')
         if account.queue not in queues:
             raise loader.fail(f"imap[{n}]", "queue", f"{account.queue!r} is not a [[queue]] name")
     for address in cfg.hero.agents:

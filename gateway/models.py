@@ -72,7 +72,10 @@ class RawMail(Base):
     processed_at: Mapped[datetime | None]
     claimed_until: Mapped[datetime | None]
 
-    __table_args__ = (Index("ix_raw_mail_state", "state", "id"),)
+    __table_args__ = (
+        Index("ix_raw_mail_state", "state", "id"),
+        Index("ix_raw_mail_source_sha", "source", "sha256"),
+    )
 
 
 class Ticket(Base):

@@ -9,6 +9,7 @@ import signal
 
 from gateway import pipeline, timers
 from gateway.app import App
+from gateway.imap_intake import start_pollers
 from gateway.outbox import OutboxWorker
 from gateway.smtp_server import Handler, start_listeners
 from gateway.spool import Spool
@@ -29,8 +30,11 @@ async def serve(app: App, *, ready: asyncio.Event | None = None) -> None:
     try:
         async with asyncio.TaskGroup() as group:
             writer = group.create_task(spool.run(), name="spool")
+            # Pollers are built first so a bad [[imap]] stops start-up before SMTP opens.
+            imap_tasks = start_pollers(app, spool, group)
             servers = await start_listeners(app.config, Handler(app.config, spool))
             background = [
+                *imap_tasks,
                 group.create_task(pipeline.run(app), name="pipeline"),
                 group.create_task(worker.run(), name="outbox"),
                 group.create_task(timers.run(app), name="timers"),

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-22 17:15:31.656983
+Create Date: 2026-11-22 17:20:18.673406
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("raw_mail", schema=None) as batch_op:
+        batch_op.create_index("ix_raw_mail_source_sha", ["source", "sha256"], unique=False)
         batch_op.create_index("ix_raw_mail_state", ["state", "id"], unique=False)
 
     op.create_table(
@@ -419,6 +420,7 @@ def downgrade() -> None:
     op.drop_table("ticket")
     with op.batch_alter_table("raw_mail", schema=None) as batch_op:
         batch_op.drop_index("ix_raw_mail_state")
+        batch_op.drop_index("ix_raw_mail_source_sha")
 
     op.drop_table("raw_mail")
     op.drop_table("imap_cursor")
