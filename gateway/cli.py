@@ -91,10 +91,16 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.logs import setup
     from gateway.serve import serve
 
     config = _load(args)
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    setup(
+        level="debug" if args.verbose else config.gateway.log_level,
+        json_lines=config.gateway.log_json,
+        redact_addresses=config.gateway.log_redact,
+    )
 
     async def body(app: App) -> int:
         await serve(app)
@@ -572,6 +578,41 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _run(_load(args), body)
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from gateway.stats import compute
+
+    window = _since(args.since)
+
+    async def body(app: App) -> int:
+        report = await compute(app, since=app.clock() - window)
+        if args.json:
+            _print_json(report)
+            return EX_OK
+        new, fr, solve = (
+            report["new_tickets"],
+            report["first_response_minutes"],
+            report["solve_minutes"],
+        )
+        print(
+            f"since {report['since']}: {new['total']} new tickets "
+            + " ".join(f"{q}={n}" for q, n in new["by_queue"].items())
+        )
+        for label, figures in (("first response", fr), ("solved", solve)):
+            print(
+                f"{label}: median {figures['median']} min, p90 {figures['p90']} min "
+                f"({figures['count']} tickets)"
+            )
+        print(f"waiting on us: {report['waiting_on_us']['total']}")
+        for row in report["agents"]:
+            print(
+                f"  {row['agent']:<32} replies {row['replies']:>4}  solved {row['solved']:>4}  "
+                f"median first response {row['median_first_response_minutes']} min"
+            )
+        return EX_OK
+
+    return _run(_load(args), body)
+
+
 def cmd_hero(args: argparse.Namespace) -> int:
     from gateway.agents import hero_change, hero_rotation
 
@@ -738,6 +779,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status", cmd_status, "health at a glance; non-zero exit when something needs attention"
     ).add_argument("--json", action="store_true")
     add("hero", cmd_hero, "who triages unassigned hey@ mail now, and next")
+    p = add("stats", cmd_stats, "volume, first-response and solve times, per-agent figures")
+    p.add_argument("--since", default="7d", help="like 24h or 7d (default 7d)")
+    p.add_argument("--json", action="store_true")
     timers = sub.add_parser("timers", help="nudges, auto-close, escalation").add_subparsers(
         dest="sub", required=True
     )

@@ -101,6 +101,7 @@ class GatewaySection:
     bounce_local: str = "bounces"
     log_json: bool = False
     log_level: str = field(default="info", metadata=_meta(_one_of("debug", "info", "warning")))
+    log_redact: bool = True
 
 
 @dataclass(frozen=True)

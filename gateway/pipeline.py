@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -285,6 +285,9 @@ async def process_one(app: App, raw: RawMail, parsed: ParsedMessage | Exception)
             live.processed_at = now
             live.note = note[:2000]
             live.claimed_until = None
+        app.processing_latency.observe(
+            max((datetime.now(UTC) - raw.received_at).total_seconds(), 0.0)
+        )
         return state
     except Exception as exc:
         log.exception("message %s failed in the pipeline", raw.id)

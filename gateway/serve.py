@@ -39,6 +39,12 @@ async def serve(app: App, *, ready: asyncio.Event | None = None) -> None:
                 group.create_task(worker.run(), name="outbox"),
                 group.create_task(timers.run(app), name="timers"),
             ]
+            if app.config.metrics.listen:
+                from gateway.metrics import start_http
+
+                servers.append(
+                    await start_http(app, app.config.metrics.listen, listeners=list(servers))
+                )
             addresses = ", ".join(app.config.smtp.listen)
             log.info("supportgate serving SMTP on %s", addresses)
             print(f"supportgate: listening on {addresses}; Ctrl-C or SIGTERM stops", flush=True)

@@ -20,7 +20,9 @@ def smarthost(smtp_sink: SmtpSink) -> str:
     return f"127.0.0.1:{smtp_sink.port}"
 
 
-def dsn(*, verp: str, recipient: str, status: str, original_id: str, action: str = "failed") -> bytes:
+def dsn(
+    *, verp: str, recipient: str, status: str, original_id: str, action: str = "failed"
+) -> bytes:
     """An RFC 3464 report as Postfix writes it."""
     diagnostic = "smtp; 550 5.1.1 <%s>: Recipient address rejected: User unknown" % recipient
     if status.startswith("4"):
@@ -56,10 +58,14 @@ async def flush(app: App) -> None:
 async def the_ack(app: App) -> Delivery:
     async with app.sessions() as session:
         return (
-            await session.execute(
-                select(Delivery).where(Delivery.kind == "acknowledgement").order_by(Delivery.id)
+            (
+                await session.execute(
+                    select(Delivery).where(Delivery.kind == "acknowledgement").order_by(Delivery.id)
+                )
             )
-        ).scalars().first()  # type: ignore[return-value]
+            .scalars()
+            .first()
+        )  # type: ignore[return-value]
 
 
 async def test_hard_bounce_marks_suppresses_notes_and_skips_the_next_ack(
@@ -72,8 +78,12 @@ async def test_hard_bounce_marks_suppresses_notes_and_skips_the_next_ack(
     assert sent.mail_from == ack.mail_from  # the VERP address went out as the envelope sender
     smtp_sink.messages.clear()
     clock.advance(minutes=10)
-    report = dsn(verp=sent.mail_from, recipient="jane@customer.org", status="5.1.1",
-                 original_id=ack.message_id)
+    report = dsn(
+        verp=sent.mail_from,
+        recipient="jane@customer.org",
+        status="5.1.1",
+        original_id=ack.message_id,
+    )
     await receive(app, report, rcpt=sent.mail_from, mail_from="")
     async with app.sessions() as session:
         delivery = await session.get(Delivery, ack.id)
@@ -81,13 +91,17 @@ async def test_hard_bounce_marks_suppresses_notes_and_skips_the_next_ack(
         assert "5.1.1" in delivery.last_error
         suppressed = await session.get(Suppression, "jane@customer.org")
         assert suppressed is not None and suppressed.delivery_id == ack.id
-        note = (await session.execute(
-            select(Message).where(Message.kind == "note", Message.classification == "bounce"))).scalar_one()
+        note = (
+            await session.execute(
+                select(Message).where(Message.kind == "note", Message.classification == "bounce")
+            )
+        ).scalar_one()
         assert note.ticket_id == delivery.ticket_id
         raw = (await session.execute(select(RawMail).order_by(RawMail.id.desc()))).scalars().first()
         assert raw is not None and raw.note.startswith("bounce:")
-        failure = (await session.execute(
-            select(Delivery).where(Delivery.kind == "delivery_failure"))).scalar_one()
+        failure = (
+            await session.execute(select(Delivery).where(Delivery.kind == "delivery_failure"))
+        ).scalar_one()
         assert failure.recipient == "support-engineering@example.com"
     # the bounce made no ticket and got no answer
     await flush(app)
@@ -98,8 +112,9 @@ async def test_hard_bounce_marks_suppresses_notes_and_skips_the_next_ack(
     await flush(app)
     assert all("jane@customer.org" not in m.rcpt_tos for m in smtp_sink.messages)
     async with app.sessions() as session:
-        skipped = (await session.execute(
-            select(Delivery).where(Delivery.status == "suppressed"))).scalar_one()
+        skipped = (
+            await session.execute(select(Delivery).where(Delivery.status == "suppressed"))
+        ).scalar_one()
         assert skipped.recipient == "jane@customer.org" and skipped.kind == "acknowledgement"
 
 
@@ -107,8 +122,13 @@ async def test_soft_bounce_is_recorded_only(app: App, smtp_sink: SmtpSink) -> No
     await receive(app, mail(sender="jane@customer.org"))
     await flush(app)
     ack = await the_ack(app)
-    report = dsn(verp=ack.mail_from, recipient="jane@customer.org", status="4.2.2",
-                 original_id=ack.message_id, action="delayed")
+    report = dsn(
+        verp=ack.mail_from,
+        recipient="jane@customer.org",
+        status="4.2.2",
+        original_id=ack.message_id,
+        action="delayed",
+    )
     await receive(app, report, rcpt=ack.mail_from, mail_from="")
     async with app.sessions() as session:
         delivery = await session.get(Delivery, ack.id)
@@ -118,12 +138,18 @@ async def test_soft_bounce_is_recorded_only(app: App, smtp_sink: SmtpSink) -> No
         assert "bounce-soft" in actions
 
 
-async def test_bounce_without_verp_matches_the_original_message_id(app: App, smtp_sink: SmtpSink) -> None:
+async def test_bounce_without_verp_matches_the_original_message_id(
+    app: App, smtp_sink: SmtpSink
+) -> None:
     await receive(app, mail(sender="jane@customer.org"))
     await flush(app)
     ack = await the_ack(app)
-    report = dsn(verp="support@example.com", recipient="jane@customer.org", status="5.1.1",
-                 original_id=ack.message_id)
+    report = dsn(
+        verp="support@example.com",
+        recipient="jane@customer.org",
+        status="5.1.1",
+        original_id=ack.message_id,
+    )
     await receive(app, report, rcpt="support@example.com", mail_from="")
     async with app.sessions() as session:
         delivery = await session.get(Delivery, ack.id)
@@ -135,7 +161,9 @@ async def test_a_tampered_verp_address_links_nothing(app: App, smtp_sink: SmtpSi
     await flush(app)
     ack = await the_ack(app)
     forged = ack.mail_from.replace("-", "-0", 1)
-    report = dsn(verp=forged, recipient="jane@customer.org", status="5.1.1", original_id="nothing@x")
+    report = dsn(
+        verp=forged, recipient="jane@customer.org", status="5.1.1", original_id="nothing@x"
+    )
     await receive(app, report, rcpt=forged, mail_from="")
     async with app.sessions() as session:
         delivery = await session.get(Delivery, ack.id)

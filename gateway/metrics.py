@@ -1,0 +1,126 @@
+"""`/healthz` and `/metrics` (Prometheus text format) on an optional port of `serve`.
+
+Counts come from the store at scrape time, so every process of a scale-out reports the same
+totals; the processing-latency histogram is this process's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select, text
+
+from gateway.app import App
+from gateway.models import Delivery, RawMail
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+@dataclass
+class Histogram:
+    buckets: tuple[float, ...] = BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        self.total += seconds
+
+    def render(self, name: str) -> list[str]:
+        lines = [f"# TYPE {name} histogram"]
+        running = 0
+        for bound, count in zip(self.buckets, self.counts, strict=False):
+            running += count
+            lines.append(f'{name}_bucket{{le="{bound}"}} {running}')
+        running += self.counts[-1]
+        lines += [
+            f'{name}_bucket{{le="+Inf"}} {running}',
+            f"{name}_sum {self.total:.6f}",
+            f"{name}_count {running}",
+        ]
+        return lines
+
+
+async def render_metrics(app: App, *, listeners_up: bool) -> str:
+    async with app.sessions() as session:
+        states = select(RawMail.state, func.count()).group_by(RawMail.state)
+        raw: dict[str, int] = {k: v for k, v in (await session.execute(states)).all()}
+        statuses = select(Delivery.status, func.count()).group_by(Delivery.status)
+        out: dict[str, int] = {k: v for k, v in (await session.execute(statuses)).all()}
+    received = sum(raw.values())
+    lines = [
+        "# TYPE supportgate_received_total counter",
+        f"supportgate_received_total {received}",
+        "# TYPE supportgate_processed_total counter",
+        f"supportgate_processed_total {raw.get('processed', 0) + raw.get('duplicate', 0)}",
+        "# TYPE supportgate_quarantined gauge",
+        f"supportgate_quarantined {raw.get('quarantined', 0)}",
+        "# TYPE supportgate_backlog gauge",
+        f"supportgate_backlog {raw.get('received', 0)}",
+        "# TYPE supportgate_deliveries gauge",
+    ]
+    for status in ("queued", "deferred", "sent", "failed", "bounced", "suppressed"):
+        lines.append(f'supportgate_deliveries{{status="{status}"}} {out.get(status, 0)}')
+    lines += [
+        "# TYPE supportgate_outbox_depth gauge",
+        f"supportgate_outbox_depth {out.get('queued', 0) + out.get('deferred', 0)}",
+        "# TYPE supportgate_listeners_up gauge",
+        f"supportgate_listeners_up {1 if listeners_up else 0}",
+        *app.processing_latency.render("supportgate_processing_seconds"),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+async def healthy(app: App) -> bool:
+    try:
+        async with app.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        return True
+    except Exception as exc:
+        log.error("health check: database unreachable: %s", type(exc).__name__)
+        return False
+
+
+async def start_http(app: App, listen: str, *, listeners: list[asyncio.Server]) -> asyncio.Server:
+    """A tiny HTTP/1.0 server: enough for Prometheus and a load balancer's health check."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 10)
+            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request.decode("latin-1").split()
+            path = parts[1] if len(parts) > 1 else ""
+            up = bool(listeners) and all(s.is_serving() for s in listeners)
+            if path == "/healthz":
+                ok = up and await healthy(app)
+                status, body = (
+                    ("200 OK", "ok\n") if ok else ("503 Service Unavailable", "unhealthy\n")
+                )
+                ctype = "text/plain"
+            elif path == "/metrics":
+                status, body = "200 OK", await render_metrics(app, listeners_up=up)
+                ctype = "text/plain; version=0.0.4"
+            else:
+                status, body, ctype = "404 Not Found", "not found\n", "text/plain"
+            payload = body.encode()
+            writer.write(
+                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                + payload
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        except Exception:
+            log.exception("metrics request failed")
+        finally:
+            writer.close()
+
+    host, _, port = listen.rpartition(":")
+    return await asyncio.start_server(handle, host=host.strip("[]"), port=int(port))
