@@ -24,7 +24,7 @@ def dsn(
     *, verp: str, recipient: str, status: str, original_id: str, action: str = "failed"
 ) -> bytes:
     """An RFC 3464 report as Postfix writes it."""
-    diagnostic = "smtp; 550 5.1.1 <%s>: Recipient address rejected: User unknown" % recipient
+    diagnostic = f"smtp; 550 5.1.1 <{recipient}>: Recipient address rejected: User unknown"
     if status.startswith("4"):
         diagnostic = "smtp; 452 4.2.2 Mailbox full"
     return (
