@@ -92,7 +92,9 @@ def _parse(raw: bytes, limits: Limits) -> ParsedMessage:
 class App:
     config: Config
     engine: AsyncEngine
-    sessions: async_sessionmaker[AsyncSession]
+    sessions: async_sessionmaker[AsyncSession]  # read-write transactions
+    reader_engine: AsyncEngine
+    readers: async_sessionmaker[AsyncSession]  # listings and views: never hold the write lock
     renderer: Renderer
     parser: Parser
     clock: Callable[[], datetime] = utcnow
@@ -113,12 +115,14 @@ class App:
     async def close(self) -> None:
         self.parser.close()
         await self.engine.dispose()
+        await self.reader_engine.dispose()
 
 
 def build_app(
     config: Config, *, clock: Callable[[], datetime] = utcnow, parse_workers: int | None = None
 ) -> App:
     engine = make_engine(config.database_url)
+    reader = make_engine(config.database_url, reader=True)
     templates = (
         config.base_dir / config.gateway.templates_dir if config.gateway.templates_dir else None
     )
@@ -132,6 +136,8 @@ def build_app(
         config=config,
         engine=engine,
         sessions=sessionmaker(engine),
+        reader_engine=reader,
+        readers=sessionmaker(reader),
         renderer=Renderer(templates),
         parser=Parser(
             workers=workers, timeout=config.pipeline.parse_timeout_seconds, limits=limits

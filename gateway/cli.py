@@ -201,7 +201,7 @@ def cmd_tickets_list(args: argparse.Namespace) -> int:
     from gateway.views import ticket_view
 
     async def body(app: App) -> int:
-        async with app.sessions() as session:
+        async with app.readers() as session:
             query = select(Ticket).order_by(Ticket.id)
             if args.status:
                 query = query.where(Ticket.status == args.status)
@@ -226,7 +226,7 @@ def cmd_tickets_show(args: argparse.Namespace) -> int:
     from gateway.views import ticket_view
 
     async def body(app: App) -> int:
-        async with app.sessions() as session:
+        async with app.readers() as session:
             ticket = await get_ticket(session, args.ref)
             if ticket is None:
                 raise CommandError(f"no ticket {args.ref}: `supportgate tickets list` shows them")
@@ -310,7 +310,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     from gateway.views import delivery_view
 
     async def body(app: App) -> int:
-        async with app.sessions() as session:
+        async with app.readers() as session:
             query = (
                 select(Delivery, Ticket.ref)
                 .outerjoin(Ticket, Ticket.id == Delivery.ticket_id)
@@ -406,7 +406,7 @@ def cmd_quarantine_list(args: argparse.Namespace) -> int:
     from gateway.views import quarantine_view
 
     async def body(app: App) -> int:
-        async with app.sessions() as session:
+        async with app.readers() as session:
             rows = (
                 await session.execute(
                     select(RawMail).where(RawMail.state == "quarantined").order_by(RawMail.id)
@@ -452,7 +452,7 @@ def cmd_forwards_list(args: argparse.Namespace) -> int:
     from gateway.views import forward_view
 
     async def body(app: App) -> int:
-        async with app.sessions() as session:
+        async with app.readers() as session:
             rows = [
                 forward_view(r)
                 for r in (
@@ -477,7 +477,7 @@ def cmd_suppressions_list(args: argparse.Namespace) -> int:
     from gateway.views import iso
 
     async def body(app: App) -> int:
-        async with app.sessions() as session:
+        async with app.readers() as session:
             rows = list(
                 (
                     await session.execute(
@@ -527,7 +527,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     async def body(app: App) -> int:
         now = app.clock()
-        async with app.sessions() as session:
+        async with app.readers() as session:
 
             async def count(*where: Any) -> int:
                 return int(await session.scalar(select(func.count()).where(*where)) or 0)
@@ -673,7 +673,7 @@ def cmd_templates_preview(args: argparse.Namespace) -> int:
         if args.ticket:
             from gateway.tickets import get_ticket
 
-            async with app.sessions() as session:
+            async with app.readers() as session:
                 ticket = await get_ticket(session, args.ticket)
                 if ticket is None:
                     raise CommandError(f"no ticket {args.ticket}")

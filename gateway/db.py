@@ -21,8 +21,12 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
-def make_engine(url: str) -> AsyncEngine:
-    """An engine with SQLite in WAL mode and synchronous=FULL, so a commit survives power loss."""
+def make_engine(url: str, *, reader: bool = False) -> AsyncEngine:
+    """An engine with SQLite in WAL mode and synchronous=FULL, so a commit survives power loss.
+
+    Writers begin IMMEDIATE (no read-then-write upgrade can fail mid-transaction); a `reader`
+    engine begins deferred and is query-only, so listings never hold the write lock.
+    """
     if is_sqlite(url):
         path = url.partition(":///")[2].split("?")[0]
         if path and path != ":memory:":
@@ -38,15 +42,19 @@ def make_engine(url: str) -> AsyncEngine:
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=60000")
+            if reader:
+                cursor.execute("PRAGMA query_only=ON")
             cursor.close()
 
         @event.listens_for(engine.sync_engine, "begin")
         def _begin(conn: Any) -> None:
             # IMMEDIATE takes the write lock up front: no deadlock between two writers.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN" if reader else "BEGIN IMMEDIATE")
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    return create_async_engine(
+        url, pool_size=5 if reader else 10, max_overflow=10, pool_pre_ping=True
+    )
 
 
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

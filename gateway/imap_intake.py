@@ -503,7 +503,7 @@ class ImapPoller:
         if not messages:
             return 0
         hashes = {uid: hashlib.sha256(data).hexdigest() for uid, data in messages.items()}
-        async with self.app.sessions() as db:
+        async with self.app.readers() as db:
             known = set(
                 (
                     await db.execute(
@@ -631,7 +631,7 @@ def start_pollers(app: App, spool: Spool, group: asyncio.TaskGroup) -> list[asyn
 
 async def imap_status(app: App) -> list[dict[str, Any]]:
     """Each configured account's cursor, for `supportgate status` (times as ISO 8601 UTC)."""
-    async with app.sessions() as db:
+    async with app.readers() as db:
         rows = {c.account: c for c in (await db.execute(select(ImapCursor))).scalars()}
     result: list[dict[str, Any]] = []
     for account in app.config.imap:

@@ -44,7 +44,7 @@ async def inspect_message(
         "defects": list(parsed.defects),
         "automatic": parsed.automatic or None,
     }
-    async with app.sessions() as session:
+    async with app.readers() as session:
         agent = await verify_sender(session, app, fake, parsed)
         forward = check_forward(config, parsed) if config.is_staff(report["from"]) else None
         verdict = classify(

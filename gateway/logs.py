@@ -56,3 +56,4 @@ def setup(*, level: str, json_lines: bool, redact_addresses: bool = True) -> Non
     root.setLevel(level.upper())
     logging.getLogger("aiosmtpd").setLevel(logging.WARNING)
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)

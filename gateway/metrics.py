@@ -47,7 +47,7 @@ class Histogram:
 
 
 async def render_metrics(app: App, *, listeners_up: bool) -> str:
-    async with app.sessions() as session:
+    async with app.readers() as session:
         states = select(RawMail.state, func.count()).group_by(RawMail.state)
         raw: dict[str, int] = {k: v for k, v in (await session.execute(states)).all()}
         statuses = select(Delivery.status, func.count()).group_by(Delivery.status)

@@ -277,7 +277,8 @@ async def process_one(app: App, raw: RawMail, parsed: ParsedMessage | Exception)
         return "quarantined"
     try:
         async with app.sessions() as session, session.begin():
-            live = await session.get(RawMail, raw.id)
+            # Locked for the transaction: two processes never handle the same message.
+            live = await session.get(RawMail, raw.id, with_for_update=True)
             if live is None or live.state != "received":
                 return live.state if live else "missing"
             state, note = await _run_steps(session, app, Work(raw=live, parsed=parsed, now=now))
@@ -309,24 +310,24 @@ async def _mark(
         await session.execute(update(RawMail).where(RawMail.id == raw_id).values(**values))
 
 
+CLAIM = timedelta(minutes=2)
+
+
 async def _claim(app: App, limit: int) -> list[RawMail]:
-    """The oldest received mail, claimed so another process does not take it too."""
+    """The oldest received mail. On PostgreSQL rows are leased (SKIP LOCKED) so processes
+    share the work; a lease left by a crash lapses after CLAIM. SQLite has one writer and
+    `process_one` re-checks the state under it, so it needs no lease to outlive a crash."""
     now = app.clock()
     async with app.sessions() as session, session.begin():
-        query = (
-            select(RawMail)
-            .where(
-                RawMail.state == "received",
-                or_(RawMail.claimed_until.is_(None), RawMail.claimed_until < now),
-            )
-            .order_by(RawMail.id)
-            .limit(limit)
-        )
-        if session.get_bind().dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
+        query = select(RawMail).where(RawMail.state == "received").order_by(RawMail.id).limit(limit)
+        if session.get_bind().dialect.name != "postgresql":
+            return list((await session.execute(query)).scalars())
+        query = query.where(
+            or_(RawMail.claimed_until.is_(None), RawMail.claimed_until < now)
+        ).with_for_update(skip_locked=True)
         rows = list((await session.execute(query)).scalars())
         for row in rows:
-            row.claimed_until = now + timedelta(minutes=10)
+            row.claimed_until = now + CLAIM
     return rows
 
 

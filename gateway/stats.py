@@ -25,7 +25,7 @@ def _minutes(values: list[float]) -> dict[str, float | None]:
 
 
 async def compute(app: App, *, since: datetime) -> dict[str, Any]:
-    async with app.sessions() as session:
+    async with app.readers() as session:
         tickets = list(
             (await session.execute(select(Ticket).where(Ticket.created_at >= since))).scalars()
         )
@@ -37,17 +37,15 @@ async def compute(app: App, *, since: datetime) -> dict[str, Any]:
             ).scalars()
         )
         replies = list(
-
-                await session.execute(
-                    select(Message.author, Message.ticket_id, Message.created_at).where(
-                        Message.direction == "in",
-                        Message.classification == "agent",
-                        Message.kind == "public",
-                        Message.verified.is_(True),
-                        Message.created_at >= since,
-                    )
+            await session.execute(
+                select(Message.author, Message.ticket_id, Message.created_at).where(
+                    Message.direction == "in",
+                    Message.classification == "agent",
+                    Message.kind == "public",
+                    Message.verified.is_(True),
+                    Message.created_at >= since,
                 )
-
+            )
         )
         solved = list(
             (

@@ -10,8 +10,11 @@ from email.utils import getaddresses
 from parsing.model import Address
 
 _MSGID = re.compile(r"<([^<>\s]{1,500})>")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]+")
-_SPACES = re.compile(r"\s+")
+# C0 controls, DEL, C1 controls, the Unicode line/paragraph separators, and the bidi marks,
+# embeddings, overrides and isolates that can make a value read differently from its bytes.
+_CONTROL = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]+"
+)
 # Trace headers differ between an SMTP retry, an IMAP re-fetch and a second copy of one mail.
 TRACE_HEADERS = frozenset(
     {b"received", b"return-path", b"delivered-to", b"x-original-to", b"x-envelope-to"}
@@ -45,9 +48,13 @@ def decode_words(value: str) -> str:
         return value
 
 
-def one_line(value: str, *, limit: int = 998) -> str:
-    """A value safe for a single header line or a log: no control characters, collapsed."""
-    return _SPACES.sub(" ", _CONTROL.sub(" ", value)).strip()[:limit]
+def one_line(value: str, *, limit: int | None = 998) -> str:
+    """The one place that decides what may reach a header line or a log: every control
+    character becomes a space, whitespace collapses, and the text is cut to `limit`."""
+    if limit is not None and limit < 0:
+        raise ValueError("limit must not be negative")
+    flat = " ".join(_CONTROL.sub(" ", value).split())
+    return flat if limit is None else flat[:limit].rstrip()
 
 
 def addresses(values: list[str]) -> tuple[Address, ...]:

@@ -16,8 +16,8 @@ from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
 from email.utils import format_datetime
 
+from parsing.headers import one_line
 from parsing.model import Address
-from responders.headertext import one_line
 from responders.render import Notice
 from responders.threadindex import thread_index
 from responders.tokens import (

@@ -33,7 +33,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.loaders import split_template_path
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from responders.headertext import one_line
+from parsing.headers import one_line
 
 __all__ = [
     "OUTPUT_LIMIT",
@@ -366,6 +366,7 @@ SAMPLE_CONTEXT: Mapping[str, object] = MappingProxyType(
             "status": "5.1.1",
             "diagnostic": "550 5.1.1 <ada@customer.example>: Recipient address rejected",
             "new_assignee_name": "Rita Specialist",
+            "body": "Thanks for the details. I have reset the export job; it should run at 09:00.",
             "marker": "##- Please type your reply above this line -##",
             "summary_lines": [
                 "Status: open",

@@ -188,3 +188,24 @@ async def test_a_responder_that_drops_threading_is_held_by_the_hourly_cap(
         await flush(app)
     to_bot = [m for m in smtp_sink.messages if m.rcpt_tos == ("bot@loop.example",)]
     assert len(to_bot) == app.config.limits.auto_per_sender_per_hour
+
+
+async def test_two_workers_never_send_the_same_delivery(
+    app: App, smtp_sink: SmtpSink, clock: Clock, backend: str
+) -> None:
+    """Scale-out: workers in several processes claim rows (FOR UPDATE SKIP LOCKED on PostgreSQL)."""
+    for n in range(15):
+        await receive(app, mail(sender=f"c{n}@customer.org"))
+    second = build_app(app.config, clock=clock, parse_workers=0)
+    try:
+        first_worker, second_worker = OutboxWorker(app), OutboxWorker(second)
+        import asyncio
+
+        await asyncio.gather(first_worker.flush(limit=4), second_worker.flush(limit=4))
+        await first_worker.close()
+        await second_worker.close()
+    finally:
+        await second.close()
+    ids = [parse(m.data)["Message-ID"] + m.rcpt_tos[0] for m in smtp_sink.messages]
+    assert len(ids) == len(set(ids)) == 30
+    assert {r.status for r in await deliveries(app)} == {"sent"}

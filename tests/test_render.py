@@ -21,6 +21,7 @@ from responders.render import (
 NOTICES = [
     "acknowledgement",
     "agent_notification",
+    "agent_reply",
     "auto_close",
     "blind_forward_refusal",
     "close",
@@ -36,6 +37,7 @@ NOTICES = [
 ]
 CUSTOMER_FACING = [
     "acknowledgement",
+    "agent_reply",
     "auto_close",
     "close",
     "more_info",
