@@ -269,7 +269,9 @@ def cmd_tickets_update(args: argparse.Namespace) -> int:
                     ops.set_queue(session, app.config, ticket, args.queue, now=now, actor=actor)
                 if args.assign:
                     who = ops.resolve_agent(app.config, args.assign)
-                    if ops.set_assignee(session, ticket, who, now=now, actor=actor):
+                    previous = ticket.assignee
+                    # The requester hears of a re-assignment, not of the first owner.
+                    if ops.set_assignee(session, ticket, who, now=now, actor=actor) and previous:
                         agent = app.config.agent_for(who)
                         await send_notice(
                             session,

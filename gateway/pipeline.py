@@ -364,10 +364,22 @@ async def retry_quarantined(app: App) -> int:
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
+RETRY_EVERY = timedelta(minutes=5)
+
+
 async def run(app: App) -> None:
-    """The pipeline task in `serve`: woken by the spool, and by a slow tick as a safety net."""
+    """The pipeline task in `serve`: woken by the spool, and by a slow tick as a safety net.
+
+    Every few minutes quarantined mail with attempts left is put back in line, so a passing
+    fault (a database hiccup) heals by itself while a message that keeps failing stops.
+    """
+    last_retry = datetime.now(UTC)
     while True:
         try:
+            if datetime.now(UTC) - last_retry >= RETRY_EVERY:
+                last_retry = datetime.now(UTC)
+                if await retry_quarantined(app):
+                    log.info("retrying quarantined mail with attempts left")
             await process_pending(app)
         except Exception:
             log.exception("pipeline pass failed")
