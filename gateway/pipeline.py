@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway import agents, bounces, forwards
+from gateway import agents, bounces, forwards, timers
 from gateway.app import App
 from gateway.classify import Classification, classify
 from gateway.correlate import Thread, find_duplicate, find_thread
@@ -183,6 +183,7 @@ async def respond_step(session: AsyncSession, app: App, work: Work) -> None:
             now=work.now,
             reply=reply,
         )
+        await timers.escalate_now_if_premier(session, app, work.ticket, now=work.now)
     await agents.notify(session, app, work.ticket, work.message, reply=reply, now=work.now)
 
 

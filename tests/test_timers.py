@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from conftest import Clock, mail, receive
+import asyncio
+from pathlib import Path
+
+import pytest
+from conftest import EXAMPLE, Clock, load_config, mail, receive
 from sqlalchemy import select
 
-from gateway.app import App
+from gateway import db
+from gateway.app import App, build_app
 from gateway.models import Delivery, Ticket
 from gateway.tickets import set_status
 from gateway.timers import fire_due
@@ -94,3 +99,36 @@ async def test_timer_mail_is_due_at_once_by_the_real_clock(app: App, clock: Cloc
             await session.execute(select(Delivery).where(Delivery.kind == "nudge"))
         ).scalar_one()
     assert nudge.status == "queued" and nudge.next_attempt_at == clock.now
+
+
+class TestPremier:
+    @pytest.fixture
+    def config_extra(self) -> str:
+        return ""
+
+    async def test_urgent_mail_from_a_premier_customer_pages_on_call_at_once(
+        self, tmp_path: Path, clock: Clock
+    ) -> None:
+        text = (
+            EXAMPLE.read_text()
+            .replace("premier_domains = []", 'premier_domains = ["bigcorp.example"]')
+            .replace('oncall_address = ""', 'oncall_address = "oncall@example.com"')
+        )
+        path = tmp_path / "supportgate.toml"
+        path.write_text(text)
+        config = load_config(path)
+        await asyncio.to_thread(db.upgrade, config.database_url)
+        app = build_app(config, clock=clock, parse_workers=0)
+        try:
+            await receive(app, mail(sender="cto@bigcorp.example", subject="Emails not delivered"))
+            await receive(app, mail(sender="cto@bigcorp.example", subject="Invoice question"))
+            await receive(app, mail(sender="x@small.example", subject="Emails not delivered"))
+            async with app.sessions() as session:
+                pages = list(
+                    (
+                        await session.execute(select(Delivery).where(Delivery.kind == "escalation"))
+                    ).scalars()
+                )
+            assert [p.recipient for p in pages] == ["oncall@example.com"]
+        finally:
+            await app.close()
