@@ -160,7 +160,11 @@ def test_inspect_explains_without_storing(cli: Cli) -> None:
     subject = "=?utf-8?q?R=C3=A9ponse_automatique?= : Re: Hello"
     data = mail(
         subject=subject,
-        body="Thanks!\r\n\r\nOn Mon, 2 Mar 2026 at 09:00, Jane Doe <jane@customer.org> wrote:\r\n> old text\r\n",
+        body=(
+            "Thanks!\r\n\r\n"
+            "On Mon, 2 Mar 2026 at 09:00, Jane Doe <jane@customer.org> wrote:\r\n"
+            "> old text\r\n"
+        ),
         headers={"Auto-Submitted": "auto-replied"},
     )
     report = json.loads(cli.run("inspect", "--json", stdin=data).stdout)
