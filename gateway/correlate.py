@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from parsing.subject import find_ticket_refs
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.config import Config
 from gateway.models import Message, Participant, ThreadRef, Ticket
 from parsing.model import ParsedMessage
+from parsing.subject import find_ticket_refs
 from responders.tokens import parse_own_message_id, verify_reply_token
 
 

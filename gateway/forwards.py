@@ -1,16 +1,26 @@
-"""Blind forwards: staff forwards without context are refused; complete ones become tickets."""
+"""Blind forwards: staff forwards without context are refused; complete ones become tickets.
+
+A refusal goes to the forwarder only and is kept (`forwards list`); their reply to any refusal
+for that forward is merged with what they wrote first and checked again. Once complete, the
+ticket's requester is the customer, never a colleague further up a forward chain when a
+customer address is known. The forwarder is the submitter and is copied on the customer's
+acknowledgement (as Zendesk copies the submitter), or gets that acknowledgement alone when the
+customer is not acknowledged, so they always learn the ticket reference.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.app import App
-from gateway.config import Config
-from gateway.models import RefusedForward
+from gateway.config import Config, Mailbox
+from gateway.models import RawMail, RefusedForward
+from gateway.outbox import automatic_gate
 from gateway.tickets import add_inbound_message, add_participants, create_ticket, event
 from parsing.forward import (
     DEFAULT_FIELDS,
@@ -23,16 +33,24 @@ from parsing.forward import (
     merge_context,
 )
 from parsing.model import Address, ParsedMessage
+from responders.tokens import parse_own_message_id
 
 if TYPE_CHECKING:
     from gateway.pipeline import Work
+
+_REFUSAL_REF = re.compile(r"FWD(?P<id>\d{1,18})")  # our refusals' Message-IDs name their record
+_EMAIL = re.compile(r"[\w.+'-]+@[\w-]+(?:\.[\w-]+)+")
+_NAMED = re.compile(  # "Jane Doe <jane@…>" or Outlook's "Jane Doe [mailto:jane@…]"
+    r"(?P<name>[^,;<>()\[\]]+?)\s*(?:<\s*(?:mailto:)?|\[\s*mailto:)(?P<addr>[^\s<>\[\]]+)\s*[>\]]",
+    re.IGNORECASE,
+)
+_CHAIN_LIMIT = 8  # forwards of forwards looked into for the customer
 
 
 @dataclass(frozen=True, slots=True)
 class ForwardCheck:
     forward: Forward
     context: ContextCheck
-    refused: RefusedForward | None = None  # the earlier refusal this message completes
 
 
 def field_specs(config: Config) -> tuple[FieldSpec, ...]:
@@ -44,63 +62,102 @@ def field_specs(config: Config) -> tuple[FieldSpec, ...]:
     )
 
 
+def _check(config: Config, own_text: str) -> ContextCheck:
+    return check_context(
+        own_text, fields=field_specs(config), summary_min_words=config.forwards.summary_min_words
+    )
+
+
 def check_forward(config: Config, parsed: ParsedMessage) -> ForwardCheck | None:
     """Staff mail that forwards someone else's message, with what context it carries."""
     forward = detect_forward(parsed.text, subject=parsed.subject, attached=parsed.forwarded)
     if forward is None:
         return None
-    context = check_context(
-        forward.own_text,
-        fields=field_specs(config),
-        summary_min_words=config.forwards.summary_min_words,
-    )
-    return ForwardCheck(forward=forward, context=context)
+    return ForwardCheck(forward=forward, context=_check(config, forward.own_text))
 
 
-async def refusal_for(session: AsyncSession, parsed: ParsedMessage) -> RefusedForward | None:
-    """The refusal this message replies to, if any (its In-Reply-To/References)."""
+async def refusal_for(
+    session: AsyncSession, config: Config, parsed: ParsedMessage
+) -> RefusedForward | None:
+    """The open refusal this message answers: any refusal sent for it, not only the latest."""
     ids = [*parsed.in_reply_to, *reversed(parsed.references)]
     if not ids:
         return None
-    return (
+    records: list[int] = []
+    for mid in ids:
+        ref = parse_own_message_id(mid, domain=config.gateway.domain, secret=config.secret)
+        match = _REFUSAL_REF.fullmatch(ref or "")
+        if match is not None:
+            records.append(int(match.group("id")))
+    rows = (
         await session.execute(
-            select(RefusedForward)
-            .where(RefusedForward.refusal_message_id.in_(ids), RefusedForward.state == "refused")
-            .limit(1)
+            select(RefusedForward).where(
+                or_(RefusedForward.id.in_(records), RefusedForward.refusal_message_id.in_(ids)),
+                RefusedForward.state == "refused",
+            )
         )
-    ).scalar_one_or_none()
+    ).scalars()
+    by_id = {row.id: row for row in rows}
+    for record in records:  # the nearest reference first
+        if record in by_id:
+            return by_id[record]
+    return next(iter(by_id.values()), None)
 
 
 async def completion(session: AsyncSession, app: App, work: Work) -> bool:
-    """A forwarder's reply to a refusal: re-check the combined context; complete → ticket."""
-    refused = await refusal_for(session, work.parsed)
-    if refused is None or refused.from_addr != work.sender:
-        return False
-    from gateway.models import RawMail
-    from parsing.mime import parse_message
+    """A forwarder's reply to a refusal: re-check the combined context; complete → ticket.
 
+    False when the message answers no open refusal of this sender. An auto-reply to a refusal
+    is recorded and goes no further: it neither completes the forward nor earns a refusal.
+    """
+    from gateway.pipeline import Done
+
+    refused = await refusal_for(session, app.config, work.parsed)
+    if refused is None or refused.from_addr.lower() != work.sender.lower():
+        return False
+    if work.classification is not None and work.classification.automatic:
+        raise Done("processed", f"automatic reply to the refusal of forward {refused.id}")
     original_raw = await session.get(RawMail, refused.raw_id)
     assert original_raw is not None
-    original = parse_message(original_raw.data)
+    original = await app.parser.parse(original_raw.data)
     merged = merge_context(refused.own_text, work.parsed.new_text, fields=field_specs(app.config))
-    context = check_context(
-        merged,
-        fields=field_specs(app.config),
-        summary_min_words=app.config.forwards.summary_min_words,
-    )
-    first = check_forward(app.config, original)
-    if first is None:
-        return False
+    context = _check(app.config, merged)
+    refused.own_text = merged
     if context.missing:
-        refused.own_text = merged
         refused.missing, refused.present = list(context.missing), list(context.present)
-        await _refuse(session, app, work, first.forward, context, record=refused)
+        await _refuse(session, app, work, context, record=refused)
         return True
+    # A completed row keeps what it lacked at its last refusal: `forwards list` shows that.
+    first = check_forward(app.config, original)
+    forward = first.forward if first else Forward(merged, None, "", "", "", original.text, "")
+    mailbox = app.config.mailbox_for(refused.mailbox) or _mailbox(app.config, work)
     await _create(
-        session, app, work, original, first.forward, context, merged, raw_id=original_raw.id
+        session,
+        app,
+        work,
+        original,
+        forward,
+        context,
+        own_text=merged,
+        raw_id=original_raw.id,
+        mailbox=mailbox,
     )
+    assert work.ticket is not None
     refused.state = "completed"
-    refused.ticket_id = work.ticket.id if work.ticket else None
+    refused.ticket_id = work.ticket.id
+    # The reply itself stays on the ticket (internal): it threads later mail in this exchange.
+    await add_inbound_message(
+        session,
+        work.ticket,
+        work.parsed,
+        raw_id=work.raw.id,
+        kind="note",
+        classification="staff-forward",
+        threaded_by=f"in-reply-to:refusal of forward {refused.id}",
+        mailboxes=[mailbox.address],
+        now=work.now,
+        attachments_dir=app.attachments_dir,
+    )
     return True
 
 
@@ -111,7 +168,10 @@ async def handle(session: AsyncSession, app: App, work: Work) -> None:
     check = work.forward
     assert check is not None
     if check.context.missing:
-        await _refuse(session, app, work, check.forward, check.context, record=None)
+        earlier = await _refused_before(session, work)
+        if earlier is not None:  # an SMTP retry, or the same forward sent to two mailboxes
+            raise Done("duplicate", f"duplicate of refused forward {earlier.id}")
+        await _refuse(session, app, work, check.context, record=None, forward=check.forward)
         raise Done(
             "processed", "blind forward refused: missing " + ", ".join(check.context.missing)
         )
@@ -122,18 +182,60 @@ async def handle(session: AsyncSession, app: App, work: Work) -> None:
         work.parsed,
         check.forward,
         check.context,
-        check.forward.own_text,
+        own_text=check.forward.own_text,
         raw_id=work.raw.id,
+        mailbox=_mailbox(app.config, work),
     )
     raise Done("processed", f"{work.ticket.ref if work.ticket else ''}: forward accepted")
 
 
-def _customer(forward: Forward, context: ContextCheck) -> Address | None:
-    values = dict(context.values)
-    for word in values.get("customer", "").replace("<", " ").replace(">", " ").split():
-        if "@" in word and "." in word.rpartition("@")[2]:
-            return Address(word.strip(".,;()").lower(), "")
-    return forward.original_from
+async def _refused_before(session: AsyncSession, work: Work) -> RefusedForward | None:
+    return (
+        await session.execute(
+            select(RefusedForward)
+            .where(
+                RefusedForward.message_id == work.parsed.message_id,
+                RefusedForward.from_addr == work.sender,
+            )
+            .limit(1)
+        )
+    ).scalar_one_or_none()
+
+
+def _mailbox(config: Config, work: Work) -> Mailbox:
+    """The mailbox the mail was sent to (the envelope decides), which sets the queue."""
+    return next((b for r in work.raw.rcpt_tos if (b := config.mailbox_for(r))), config.mailbox[0])
+
+
+def _forward_chain(forward: Forward) -> list[Address]:
+    """The From of each forwarded block, outermost first, through forwards of forwards."""
+    senders: list[Address] = []
+    current: Forward | None = forward
+    for _ in range(_CHAIN_LIMIT):
+        if current is None:
+            break
+        if current.original_from is not None:
+            senders.append(current.original_from)
+        if not current.original_text:
+            break
+        current = detect_forward(current.original_text, subject=current.original_subject)
+    return senders
+
+
+def _customer(config: Config, forward: Forward, context: ContextCheck) -> Address | None:
+    """The requester: a non-staff address from the customer field, else the first non-staff
+    sender in the forwarded chain. None when only staff addresses are known."""
+    chain = [a for a in _forward_chain(forward) if not config.is_staff(a.addr)]
+    names = {a.addr: a.name for a in chain}
+    value = dict(context.values).get("customer", "")
+    named = {
+        m.group("addr").lower(): " ".join(m.group("name").split()) for m in _NAMED.finditer(value)
+    }
+    for found in _EMAIL.finditer(value):
+        addr = found.group(0).lower()
+        if not config.is_staff(addr) and not config.is_ours(addr):
+            return Address(addr, names.get(addr) or named.get(addr, ""))
+    return chain[0] if chain else None
 
 
 async def _create(
@@ -143,24 +245,24 @@ async def _create(
     parsed: ParsedMessage,
     forward: Forward,
     context: ContextCheck,
-    own_text: str,
     *,
+    own_text: str,
     raw_id: int,
+    mailbox: Mailbox,
 ) -> None:
-    from gateway.notices import Reply, send_notice
+    """The ticket for a complete forward: the customer as requester, the forwarder as submitter."""
+    from gateway.agents import tell_agents
+    from gateway.notices import send_notice
 
     config = app.config
-    mailbox = next(
-        (b for r in work.raw.rcpt_tos if (b := config.mailbox_for(r))), config.mailbox[0]
-    )
-    customer = _customer(forward, context) or Address(work.sender)
     forwarder = parsed.from_addr or Address(work.sender)
+    customer = _customer(config, forward, context)
     ticket = await create_ticket(
         session,
         config,
         queue=mailbox.queue,
         mailbox=mailbox.address,
-        requester=customer,
+        requester=customer or forwarder,
         subject=forward.original_subject or parsed.subject,
         now=work.now,
         submitter=forwarder.addr,
@@ -191,39 +293,42 @@ async def _create(
         action="forward-accepted",
         present=list(context.present),
     )
-    if config.forwards.acknowledge_customer and customer.addr != forwarder.addr:
-        await send_notice(session, app, ticket, "acknowledgement", to=[customer], now=work.now)
-    from gateway.agents import tell_agents
-
+    if customer is not None and config.forwards.acknowledge_customer:
+        await send_notice(
+            session, app, ticket, "acknowledgement", to=[customer], cc=[forwarder], now=work.now
+        )
+    else:
+        await send_notice(session, app, ticket, "acknowledgement", to=[forwarder], now=work.now)
     await tell_agents(
         session, app, ticket, "agent_notification", now=work.now, message=work.message
     )
-    _ = Reply
 
 
 async def _refuse(
     session: AsyncSession,
     app: App,
     work: Work,
-    forward: Forward,
     context: ContextCheck,
     *,
     record: RefusedForward | None,
+    forward: Forward | None = None,
 ) -> None:
-    """The refusal goes to the forwarder only; no ticket, nothing to the customer."""
+    """The refusal goes to the forwarder only; no ticket, nothing to the customer.
+
+    The record is kept even when the refusal may not be sent (a suppressed address), so
+    `forwards list` still shows the forward.
+    """
     from gateway.notices import send_refusal
 
     config = app.config
     if record is None:
-        mailbox = next(
-            (b for r in work.raw.rcpt_tos if (b := config.mailbox_for(r))), config.mailbox[0]
-        )
+        assert forward is not None
         record = RefusedForward(
             raw_id=work.raw.id,
             message_id=work.parsed.message_id,
             from_addr=work.sender,
             subject=work.parsed.subject,
-            mailbox=mailbox.address,
+            mailbox=_mailbox(config, work).address,
             own_text=forward.own_text,
             missing=list(context.missing),
             present=list(context.present),
@@ -231,11 +336,24 @@ async def _refuse(
         )
         session.add(record)
         await session.flush()
+    forwarder = work.parsed.from_addr or Address(work.sender)
+    gate = await automatic_gate(
+        session,
+        config,
+        recipient=forwarder.addr,
+        kind="blind_forward_refusal",
+        ticket=None,
+        now=work.now,
+        capped=False,  # a refusal nobody sees loses the customer's mail: never rate-capped
+    )
+    if not gate.allowed:
+        work.notes.append(f"refusal not sent: {gate.reason}")
+        return
     record.refusal_message_id = await send_refusal(
         session,
         app,
         record,
-        to=work.parsed.from_addr or Address(work.sender),
+        to=forwarder,
         reply_to_id=work.parsed.message_id,
         references=work.parsed.references,
         now=work.now,

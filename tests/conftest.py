@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from services import free_port, fresh_database, postgres_server
-from smtp_sink import smtp_sink_fixture  # noqa: F401 - the `smtp_sink` fixture
 
 from gateway import db
 from gateway.app import App, build_app
 from gateway.config import Config, load
+
+from services import free_port, fresh_database, postgres_server
+from smtp_sink import smtp_sink_fixture  # noqa: F401 - the `smtp_sink` fixture
 
 SECRET = "test-secret-" + "s" * 40
 EXAMPLE = Path(__file__).resolve().parent.parent / "gateway" / "config.example.toml"

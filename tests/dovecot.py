@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from services import free_port, unavailable, wait_port
 
 DOVECOT = "/usr/sbin/dovecot"

@@ -17,7 +17,6 @@ from typing import Any
 
 import dkim
 import pytest
-from conftest import mail, receive
 from sqlalchemy import select
 
 from gateway.agents import MARKER, dkim_check, hero_change, hero_rotation
@@ -26,6 +25,8 @@ from gateway.config import Config
 from gateway.models import Delivery, Event, Message, Participant, Ticket
 from gateway.tickets import set_assignee, set_status
 from responders.tokens import reply_token
+
+from conftest import mail, receive
 
 FIXTURES = Path(__file__).parent / "fixtures" / "agents"
 SAM = "sam@example.com"

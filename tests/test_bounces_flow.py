@@ -6,13 +6,14 @@ import email
 import email.policy
 
 import pytest
-from conftest import Clock, mail, receive
-from smtp_sink import SmtpSink
 from sqlalchemy import select
 
 from gateway.app import App
 from gateway.models import Delivery, Event, Message, RawMail, Suppression
 from gateway.outbox import OutboxWorker
+
+from conftest import Clock, mail, receive
+from smtp_sink import SmtpSink
 
 
 @pytest.fixture

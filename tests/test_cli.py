@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import SECRET, mail, write_config
 from services import free_port, wait_port
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE, SECRET
 
 from gateway.config import ConfigError, load
+
+from conftest import EXAMPLE, SECRET
 
 ENV = {"SUPPORTGATE_SECRET": SECRET}
 

@@ -7,12 +7,13 @@ import json
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from conftest import receive
 from sqlalchemy import select
 
 from gateway.app import App
 from gateway.models import Message, RawMail, Ticket
 from gateway.pipeline import process_pending
+
+from conftest import receive
 
 CORPUS = Path(__file__).parent / "corpus"
 LKML = CORPUS / "notmuch" / "thread" / "lkml-subset"

@@ -10,8 +10,6 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from conftest import mail
-from dovecot import PASSWORD, Dovecot, dovecot_fixture  # noqa: F401 - the `dovecot` fixture
 from sqlalchemy import func, select
 
 from gateway.app import App
@@ -27,6 +25,9 @@ from gateway.imap_intake import (
 )
 from gateway.models import ImapCursor, Message, RawMail, Ticket
 from gateway.spool import Spool
+
+from conftest import mail
+from dovecot import PASSWORD, Dovecot, dovecot_fixture  # noqa: F401 - the `dovecot` fixture
 
 pytestmark = pytest.mark.dovecot
 

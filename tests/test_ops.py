@@ -9,8 +9,6 @@ import json
 import logging
 from datetime import timedelta
 
-from conftest import Clock, mail, receive
-from services import free_port
 from sqlalchemy import select
 
 from gateway.app import App
@@ -21,6 +19,9 @@ from gateway.smtp_server import Handler, start_listeners
 from gateway.spool import Spool
 from gateway.stats import compute
 from gateway.tickets import set_assignee
+
+from conftest import Clock, mail, receive
+from services import free_port
 
 
 async def test_stats_count_tickets_first_responses_and_the_leaderboard(

@@ -7,13 +7,14 @@ import email.policy
 from email.message import EmailMessage
 
 import pytest
-from conftest import Clock, mail, receive
-from smtp_sink import SmtpSink
 from sqlalchemy import select
 
 from gateway.app import App, build_app
 from gateway.models import Delivery, DeliveryAttempt
 from gateway.outbox import OutboxWorker, delivery_from_verp
+
+from conftest import Clock, mail, receive
+from smtp_sink import SmtpSink
 
 
 @pytest.fixture

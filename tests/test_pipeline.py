@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from conftest import mail, receive
 from sqlalchemy import func, select
 
 from gateway.app import App
@@ -12,6 +11,8 @@ from gateway.models import Delivery, Message, RawMail, Ticket
 from gateway.pipeline import process_pending
 from gateway.tickets import set_status
 from gateway.views import ticket_view
+
+from conftest import mail, receive
 
 
 async def tickets(app: App) -> list[dict[str, Any]]:

@@ -11,14 +11,15 @@ from collections.abc import AsyncIterator
 
 import aiosmtplib
 import pytest
-from conftest import mail
-from services import REQUIRED
 from sqlalchemy import func, select, text
 
 from gateway.app import App
 from gateway.models import RawMail
 from gateway.smtp_server import Handler, start_listeners
 from gateway.spool import Spool
+
+from conftest import mail
+from services import REQUIRED
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE, Clock, load_config, mail, receive
 from sqlalchemy import select
 
 from gateway import db
@@ -14,6 +13,8 @@ from gateway.app import App, build_app
 from gateway.models import Delivery, Ticket
 from gateway.tickets import set_status
 from gateway.timers import fire_due
+
+from conftest import EXAMPLE, Clock, load_config, mail, receive
 
 
 async def kinds(app: App) -> list[str]:

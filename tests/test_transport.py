@@ -11,12 +11,12 @@ from pathlib import Path
 # The repo root is not on sys.path under plain `pytest` (no conftest or pythonpath setting yet).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from smtp_sink import SmtpSink, smtp_sink_fixture  # noqa: F401 - until conftest has it
-
 from parsing.model import Address
 from responders.compose import compose
 from responders.render import Notice
 from responders.transport import Relay, SendResult, SmtpPool, deliver_maildir, send_smtp
+
+from smtp_sink import SmtpSink, smtp_sink_fixture  # noqa: F401 - until conftest has it
 
 FROM = "bounces@example.com"
 
