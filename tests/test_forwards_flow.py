@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SECRET, Clock, mail, receive
-from smtp_sink import SmtpSink
 from sqlalchemy import select
 
 from gateway.app import App, build_app
@@ -34,6 +32,9 @@ from gateway.pipeline import process_pending
 from gateway.smtp_server import Handler, start_listeners
 from gateway.spool import Spool
 from gateway.views import ticket_view
+
+from conftest import SECRET, Clock, mail, receive
+from smtp_sink import SmtpSink
 
 FIXTURES = Path(__file__).parent / "fixtures" / "forwards"
 FORWARDER = "peter.gibbons@example.com"
