@@ -12,9 +12,10 @@ including mail a person wrote or triggered, so it says nothing about who is writ
 from __future__ import annotations
 
 import re
-from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import getaddresses
+
+from parsing.headers import decode_words
 
 # Headers whose mere presence (unless set to a negative) marks mail written by a machine.
 _MACHINE_HEADERS = (
@@ -137,8 +138,4 @@ def _sender_kind(msg: Message, envelope_from: str | None) -> str | None:
 
 
 def _subject(msg: Message) -> str:
-    raw = str(msg.get("Subject", "") or "")
-    try:
-        return str(make_header(decode_header(raw)))
-    except (ValueError, LookupError, UnicodeError):
-        return raw
+    return decode_words(str(msg.get("Subject", "") or ""))

@@ -16,11 +16,11 @@ import html
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import HeaderParser
 from email.utils import getaddresses
 
+from parsing.headers import decode_words
 from parsing.model import Bounce, BounceRecipient
 
 _MAX_PARTS = 200  # bounds the work on hostile MIME trees
@@ -553,11 +553,7 @@ def _null_return_path(msg: Message) -> bool:
 
 
 def _subject(msg: Message) -> str:
-    raw = str(msg.get("Subject", "") or "")
-    try:
-        return str(make_header(decode_header(raw)))
-    except (ValueError, LookupError, UnicodeError):
-        return raw
+    return decode_words(str(msg.get("Subject", "") or ""))
 
 
 def _is_delay_notice(msg: Message, text: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from email.utils import getaddresses
 
@@ -38,13 +39,18 @@ def first_message_id(value: str) -> str:
     return bare if bare and " " not in bare and len(bare) <= 500 else ""
 
 
+# The stdlib decoder is quadratic in adjacent encoded words; no header we show needs more.
+MAX_DECODED = 16 * 1024
+
+
 def decode_words(value: str) -> str:
-    """RFC 2047 encoded words decoded; undecodable charsets fall back to the raw text."""
+    """RFC 2047 encoded words decoded; undecodable words fall back to the raw text."""
     if "=?" not in value:
         return value
+    value = value[:MAX_DECODED]
     try:
         return str(make_header(decode_header(value)))
-    except (LookupError, UnicodeError, ValueError, AssertionError):
+    except (LookupError, UnicodeError, ValueError, AssertionError, HeaderParseError):
         return value
 
 

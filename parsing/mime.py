@@ -104,6 +104,13 @@ def parse_message(raw: bytes, *, limits: Limits | None = None) -> ParsedMessage:
         raw, 0, limits.max_header_bytes
     ):
         raise MessageRejected(f"header block over {limits.max_header_bytes} bytes")
+    try:
+        return _parse(raw, limits)
+    except RecursionError:
+        raise MessageRejected(f"MIME nesting too deep to parse (over {limits.max_depth})") from None
+
+
+def _parse(raw: bytes, limits: Limits) -> ParsedMessage:
     msg = email.message_from_bytes(raw, policy=email.policy.compat32)
 
     headers = tuple(

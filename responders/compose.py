@@ -31,6 +31,7 @@ __all__ = [
     "MAX_REFERENCES",
     "SMTP_POLICY",
     "compose",
+    "is_safe_address",
     "message_id_for",
     "parse_own_message_id",
     "reply_token",
@@ -83,9 +84,14 @@ def _settle(text: str, limit: int) -> str:
     return one_line(text.replace("=?", "= ?"), limit=limit)
 
 
+def is_safe_address(spec: str) -> bool:
+    """Whether `compose` can write this address into a header."""
+    return bool(_ADDR.fullmatch(spec)) and spec.isascii()
+
+
 def _address(addr: Address) -> HeaderAddress:
     spec = addr.addr
-    if not _ADDR.fullmatch(spec) or not spec.isascii():
+    if not is_safe_address(spec):
         raise ValueError(f"not a safe ASCII mail address: {spec!r}")
     return HeaderAddress(display_name=_settle(addr.name, TEXT_LIMIT), addr_spec=spec)
 
