@@ -252,6 +252,22 @@ class OutboxWorker:
                     live.next_attempt_at = retry_at
         log.info("delivery %s to %s: %s", row.id, row.kind, outcome)
 
+    async def _deliver(self, row: Delivery) -> None:
+        """Send one row and record it at once: a stop re-sends only what was in flight."""
+        result: SendResult | str
+        try:
+            result = await self._send(row)
+        except Exception as exc:
+            log.error("delivery %s raised %s", row.id, type(exc).__name__)
+            failure = RecipientResult(
+                recipient=row.recipient,
+                outcome="temporary",
+                code=0,
+                reply=f"internal error: {type(exc).__name__}",
+            )
+            result = SendResult(per_recipient=(failure,))
+        await self._record(row, result)
+
     async def flush(self, *, limit: int = 200) -> int:
         """Deliver everything due now; returns how many attempts were made."""
         total = 0
@@ -259,18 +275,7 @@ class OutboxWorker:
             rows = await self._claim(limit)
             if not rows:
                 return total
-            results = await asyncio.gather(*(self._send(r) for r in rows), return_exceptions=True)
-            for row, result in zip(rows, results, strict=True):
-                if isinstance(result, BaseException):
-                    log.error("delivery %s raised %s", row.id, type(result).__name__)
-                    failure = RecipientResult(
-                        recipient=row.recipient,
-                        outcome="temporary",
-                        code=0,
-                        reply=f"internal error: {type(result).__name__}",
-                    )
-                    result = SendResult(per_recipient=(failure,))
-                await self._record(row, result)
+            await asyncio.gather(*(self._deliver(row) for row in rows))
             total += len(rows)
 
     async def run(self) -> None:
