@@ -100,9 +100,20 @@ class App:
     clock: Callable[[], datetime] = utcnow
     wake_pipeline: asyncio.Event = field(default_factory=asyncio.Event)
     wake_outbox: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set to stop the background loops at their next safe point (between transactions).
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
     processing_latency: Histogram = field(default_factory=lambda: _histogram())
     # DKIM key lookups; None asks DNS. Tests give a function answering from their own keys.
     dkim_dns: Callable[..., bytes] | None = None
+
+    async def pause(self, event: asyncio.Event, seconds: float) -> None:
+        """Wait for `event`, `seconds`, or a stop, whichever comes first."""
+        waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(self.stopping.wait())]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
 
     @property
     def attachments_dir(self) -> Path:

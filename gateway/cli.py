@@ -90,20 +90,44 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 # -- intake ------------------------------------------------------------------------------------
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _setup_logs(config: Config, *, verbose: bool) -> None:
     from gateway.logs import setup
-    from gateway.serve import serve
 
-    config = _load(args)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
     setup(
-        level="debug" if args.verbose else config.gateway.log_level,
+        level="debug" if verbose else config.gateway.log_level,
         json_lines=config.gateway.log_json,
         redact_addresses=config.gateway.log_redact,
     )
 
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Pipeline, outbox and timers: the process `serve` starts (or extra ones for scale-out)."""
+    from gateway.serve import work
+
+    config = _load(args)
+    _setup_logs(config, verbose=args.verbose)
+
     async def body(app: App) -> int:
-        await serve(app)
+        await work(app, wake_fd=args.wake_fd)
+        return EX_OK
+
+    return _run(config, body)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.serve import serve, worker_argv
+
+    config = _load(args)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    _setup_logs(config, verbose=args.verbose)
+    command = (
+        worker_argv(str(config.path), verbose=args.verbose)
+        if config.pipeline.worker_process
+        else None
+    )
+
+    async def body(app: App) -> int:
+        await serve(app, worker_command=command)
         return EX_OK
 
     return _run(config, body)
@@ -724,6 +748,13 @@ def build_parser() -> argparse.ArgumentParser:
     dbp = sub.add_parser("db", help="database schema").add_subparsers(dest="sub", required=True)
     add("upgrade", cmd_db_upgrade, "run migrations", dbp)
     add("serve", cmd_serve, "run SMTP listeners, pipeline, outbox and timers until SIGTERM")
+    p = add(
+        "worker",
+        cmd_worker,
+        "process mail, send the outbox and fire timers until SIGTERM "
+        "(serve starts one; more may run against PostgreSQL)",
+    )
+    p.add_argument("--wake-fd", type=int, default=None, help=argparse.SUPPRESS)
     p = add(
         "ingest",
         cmd_ingest,

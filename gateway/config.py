@@ -144,6 +144,7 @@ class PipelineSection:
     batch: int = field(default=200, metadata=_meta(_positive))
     parse_timeout_seconds: float = field(default=20.0, metadata=_meta(_positive))
     parse_workers: int = 1  # processes for parsing; 0 parses in a thread of the gateway
+    worker_process: bool = True  # serve runs pipeline, outbox and timers in a second process
     max_parts: int = field(default=500, metadata=_meta(_positive))
     max_depth: int = field(default=20, metadata=_meta(_positive))
 

@@ -271,23 +271,19 @@ class OutboxWorker:
     async def flush(self, *, limit: int = 200) -> int:
         """Deliver everything due now; returns how many attempts were made."""
         total = 0
-        while True:
+        while not self.app.stopping.is_set():
             rows = await self._claim(limit)
             if not rows:
                 return total
             await asyncio.gather(*(self._deliver(row) for row in rows))
             total += len(rows)
+        return total
 
     async def run(self) -> None:
-        while True:
+        while not self.app.stopping.is_set():
+            self.app.wake_outbox.clear()
             try:
                 await self.flush()
             except Exception:
                 log.exception("outbox pass failed")
-            self.app.wake_outbox.clear()
-            try:
-                await asyncio.wait_for(
-                    self.app.wake_outbox.wait(), self.app.config.outbound.poll_seconds
-                )
-            except TimeoutError:
-                pass
+            await self.app.pause(self.app.wake_outbox, self.app.config.outbound.poll_seconds)

@@ -7,6 +7,7 @@ commit); each caller waits for the commit that holds its message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Callable
@@ -77,6 +78,8 @@ class Spool:
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(max_waiting)
         self._on_stored = on_stored
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def store(self, data: bytes, *, mail_from: str, rcpt_tos: list[str], source: str) -> int:
         """Store one message durably; returns its id once committed, or raises SpoolError."""
@@ -84,6 +87,7 @@ class Spool:
             data, mail_from=mail_from, rcpt_tos=rcpt_tos, source=source, now=self._clock()
         )
         pending = _Pending(row, asyncio.get_running_loop().create_future())
+        self._idle.clear()
         await self._queue.put(pending)
         return await pending.done
 
@@ -101,7 +105,20 @@ class Spool:
                 if not pending.done.done():
                     pending.done.set_exception(SpoolError("spool is shutting down"))
 
+    async def wait_idle(self, grace: float) -> None:
+        """Until nothing waits and no commit is under way (at most `grace` s): a safe stop."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+
     async def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            await self._commit_batch(batch)
+        finally:
+            if self._queue.empty():
+                self._idle.set()
+
+    async def _commit_batch(self, batch: list[_Pending]) -> None:
         try:
             async with self._factory() as session, session.begin():
                 ids = await insert_raw(session, [p.row for p in batch])
@@ -114,7 +131,7 @@ class Spool:
             if len(batch) > 1:
                 # One bad row must not fail its neighbours: retry them one by one.
                 for pending in batch:
-                    await self._commit([pending])
+                    await self._commit_batch([pending])
                 return
             log.error("storing received mail failed: %s", type(exc).__name__)
             if not batch[0].done.done():

@@ -6,7 +6,6 @@ escalation when no agent acted within the hour, and at once for urgent premier m
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import datetime, timedelta
 
@@ -135,11 +134,11 @@ async def escalate_now_if_premier(
 
 
 async def run(app: App) -> None:
-    while True:
+    while not app.stopping.is_set():
         try:
             fired = await fire_due(app)
             if any(fired.values()):
                 log.info("timers fired: %s", fired)
         except Exception:
             log.exception("timer pass failed")
-        await asyncio.sleep(app.config.timers.tick_seconds)
+        await app.pause(app.stopping, app.config.timers.tick_seconds)
