@@ -94,6 +94,8 @@ class App:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]  # read-write transactions
     reader_engine: AsyncEngine
+    intake_engine: AsyncEngine
+    intake: async_sessionmaker[AsyncSession]  # the spool's: retries a busy lock itself
     readers: async_sessionmaker[AsyncSession]  # listings and views: never hold the write lock
     renderer: Renderer
     parser: Parser
@@ -127,6 +129,7 @@ class App:
         self.parser.close()
         await self.engine.dispose()
         await self.reader_engine.dispose()
+        await self.intake_engine.dispose()
 
 
 def build_app(
@@ -134,6 +137,7 @@ def build_app(
 ) -> App:
     engine = make_engine(config.database_url)
     reader = make_engine(config.database_url, reader=True)
+    intake = make_engine(config.database_url, wait_for_lock=False)
     templates = (
         config.base_dir / config.gateway.templates_dir if config.gateway.templates_dir else None
     )
@@ -148,6 +152,8 @@ def build_app(
         engine=engine,
         sessions=sessionmaker(engine),
         reader_engine=reader,
+        intake_engine=intake,
+        intake=sessionmaker(intake),
         readers=sessionmaker(reader),
         renderer=Renderer(templates),
         parser=Parser(

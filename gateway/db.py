@@ -21,17 +21,20 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
-def make_engine(url: str, *, reader: bool = False) -> AsyncEngine:
+def make_engine(url: str, *, reader: bool = False, wait_for_lock: bool = True) -> AsyncEngine:
     """An engine with SQLite in WAL mode and synchronous=FULL, so a commit survives power loss.
 
     Writers begin IMMEDIATE (no read-then-write upgrade can fail mid-transaction); a `reader`
-    engine begins deferred and is query-only, so listings never hold the write lock.
+    engine begins deferred and is query-only, so listings never hold the write lock. Without
+    `wait_for_lock` a busy database fails at once and the caller retries: SQLite's own busy
+    handler sleeps up to 100 ms a try and loses the lock to a busy writer again and again.
     """
     if is_sqlite(url):
         path = url.partition(":///")[2].split("?")[0]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 60})
+        busy_ms = 60000 if wait_for_lock else 0
+        engine = create_async_engine(url, connect_args={"timeout": busy_ms / 1000})
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -41,7 +44,7 @@ def make_engine(url: str, *, reader: bool = False) -> AsyncEngine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=60000")
+            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
             if reader:
                 cursor.execute("PRAGMA query_only=ON")
             cursor.close()
@@ -55,6 +58,12 @@ def make_engine(url: str, *, reader: bool = False) -> AsyncEngine:
     return create_async_engine(
         url, pool_size=5 if reader else 10, max_overflow=10, pool_pre_ping=True
     )
+
+
+def is_lock_error(exc: BaseException) -> bool:
+    """SQLite's "database is locked"/"busy": worth a retry, not a failure."""
+    text = str(getattr(exc, "orig", exc)).lower()
+    return "database is locked" in text or "database is busy" in text
 
 
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -138,7 +138,7 @@ async def serve(
     stop = _stop_event(loop)
     helper = _Worker(worker_command) if worker_command else None
     wake: Callable[[], None] = helper.wake if helper else app.wake_pipeline.set
-    spool = Spool(app.sessions, clock=app.clock, on_stored=wake)
+    spool = Spool(app.intake, clock=app.clock, on_stored=wake)
     servers: list[asyncio.Server] = []
     try:
         async with asyncio.TaskGroup() as group:

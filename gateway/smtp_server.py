@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -15,9 +14,6 @@ from gateway.config import Config
 from gateway.spool import Spool, SpoolError
 
 log = logging.getLogger(__name__)
-
-_BARE_CR = re.compile(rb"\r(?!\n)")
-_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 def redact(address: str) -> str:
@@ -32,7 +28,8 @@ def check_content(data: bytes, *, limit: int) -> str | None:
         return "552 5.3.4 Message size exceeds fixed maximum message size"
     if b"\x00" in data:
         return "554 5.6.0 Message contains NUL characters"
-    if _BARE_CR.search(data) or _BARE_LF.search(data):
+    pairs = data.count(b"\r\n")  # counting is ~5x faster than the look-around regexes
+    if data.count(b"\r") != pairs or data.count(b"\n") != pairs:
         return "554 5.6.0 Message contains bare CR or LF; lines must end with CRLF"
     return None
 

@@ -15,12 +15,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import insert
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from gateway.db import is_lock_error
 from gateway.models import RawMail
 from parsing.headers import threading_headers
 
 log = logging.getLogger(__name__)
+
+LOCK_WAIT = 30.0  # seconds a commit may wait for SQLite's write lock before the sender gets 451
 
 
 class SpoolError(RuntimeError):
@@ -118,10 +122,22 @@ class Spool:
             if self._queue.empty():
                 self._idle.set()
 
+    async def _insert(self, rows: list[dict[str, object]]) -> list[int]:
+        """Insert and commit, retrying a busy SQLite lock every few ms for up to LOCK_WAIT s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOCK_WAIT
+        while True:
+            try:
+                async with self._factory() as session, session.begin():
+                    return await insert_raw(session, rows)
+            except OperationalError as exc:
+                if not is_lock_error(exc) or loop.time() > deadline:
+                    raise
+            await asyncio.sleep(0.002)
+
     async def _commit_batch(self, batch: list[_Pending]) -> None:
         try:
-            async with self._factory() as session, session.begin():
-                ids = await insert_raw(session, [p.row for p in batch])
+            ids = await self._insert([p.row for p in batch])
         except asyncio.CancelledError:
             for pending in batch:
                 if not pending.done.done():
