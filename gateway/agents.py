@@ -26,6 +26,7 @@ from gateway.tickets import (
     event,
     resolve_agent,
     set_assignee,
+    set_category,
     set_priority,
     set_queue,
     set_status,
@@ -361,17 +362,7 @@ async def _apply(
             )
             await add_participants(session, ticket, [Address(value)], role="requester")
         elif name == "category":
-            event(
-                session,
-                ticket,
-                at=now,
-                actor=agent,
-                action="category",
-                old=ticket.category,
-                new=value,
-                message=message,
-            )
-            ticket.category = value
+            set_category(session, ticket, value, now=now, actor=agent, message=message)
         elif name == "ask":
             set_status(session, config, ticket, "pending", now=now, actor=agent, message=message)
             notices.append(("more_info", {}))

@@ -282,21 +282,7 @@ def set_priority(
 ) -> bool:
     if priority not in PRIORITIES:
         raise TicketError(f"unknown priority {priority!r}: use one of {', '.join(PRIORITIES)}")
-    if ticket.priority == priority:
-        return False
-    event(
-        session,
-        ticket,
-        at=now,
-        actor=actor,
-        action="priority",
-        old=ticket.priority,
-        new=priority,
-        message=message,
-    )
-    ticket.priority = priority
-    ticket.updated_at = now
-    return True
+    return _change(session, ticket, "priority", priority, now=now, actor=actor, message=message)
 
 
 def set_queue(
@@ -312,21 +298,7 @@ def set_queue(
     if config.queue_named(queue) is None:
         names = ", ".join(q.name for q in config.queue)
         raise TicketError(f"unknown queue {queue!r}: use one of {names}")
-    if ticket.queue == queue:
-        return False
-    event(
-        session,
-        ticket,
-        at=now,
-        actor=actor,
-        action="queue",
-        old=ticket.queue,
-        new=queue,
-        message=message,
-    )
-    ticket.queue = queue
-    ticket.updated_at = now
-    return True
+    return _change(session, ticket, "queue", queue, now=now, actor=actor, message=message)
 
 
 def resolve_agent(config: Config, who: str, *, me: str = "") -> str:
@@ -352,19 +324,58 @@ def set_assignee(
     actor: str,
     message: Message | None = None,
 ) -> bool:
-    if ticket.assignee == assignee:
+    return _change(
+        session,
+        ticket,
+        "assignee",
+        assignee,
+        now=now,
+        actor=actor,
+        message=message,
+        action="assign",
+    )
+
+
+def set_category(
+    session: AsyncSession,
+    ticket: Ticket,
+    category: str,
+    *,
+    now: datetime,
+    actor: str,
+    message: Message | None = None,
+) -> bool:
+    return _change(
+        session, ticket, "category", category[:64], now=now, actor=actor, message=message
+    )
+
+
+def _change(
+    session: AsyncSession,
+    ticket: Ticket,
+    attr: str,
+    value: str,
+    *,
+    now: datetime,
+    actor: str,
+    message: Message | None,
+    action: str = "",
+) -> bool:
+    """Set one field and record who changed it from what, in the audit log."""
+    old = getattr(ticket, attr)
+    if old == value:
         return False
     event(
         session,
         ticket,
         at=now,
         actor=actor,
-        action="assign",
-        old=ticket.assignee,
-        new=assignee,
+        action=action or attr,
+        old=old,
+        new=value,
         message=message,
     )
-    ticket.assignee = assignee
+    setattr(ticket, attr, value)
     ticket.updated_at = now
     return True
 
