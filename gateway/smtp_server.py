@@ -95,7 +95,6 @@ def smtp_factory(config: Config, handler: Handler) -> Callable[[], SMTP]:
         "data_size_limit": config.smtp.max_message_bytes,
         "enable_SMTPUTF8": True,
         "decode_data": False,
-        "auth_require_tls": False,
     }
     if tls is not None:
         options["tls_context"] = tls

@@ -250,3 +250,14 @@ async def test_swaks_delivers(app: App, listener: int) -> None:
     assert "250 2.0.0 OK queued as" in result.stdout
     (raw,) = await stored(app)
     assert b"Subject: via swaks" in raw.data
+
+
+async def test_no_auth_is_offered_and_nothing_internal_is_said(app: App, listener: int) -> None:
+    """We take no logins: AUTH is not advertised, and an attempt gets a plain refusal."""
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=listener)
+    await client.connect()
+    await client.ehlo()
+    assert not client.supports_extension("auth")
+    response = await client.execute_command(b"AUTH", b"PLAIN", b"AGphbmUAc2VjcmV0")
+    assert response.code >= 500 and "Traceback" not in response.message
+    await client.quit()
