@@ -1,8 +1,10 @@
 """The mail flow after the 250, on one screen: parse → classify → thread → apply → respond.
 
-Each stored message goes through `STEPS` in order inside its own savepoint. A step may end the
-message's journey by raising `Done` (recorded: a duplicate, a bounce, a refused forward); any
-other error sends the raw mail to quarantine with the reason, to be retried or reprocessed.
+Each stored message goes through `STEPS` in order; a group of messages shares one transaction
+(`process_group`). A step may end the message's journey by raising `Done` (recorded: a
+duplicate, a bounce, a refused forward); any other error redoes the group one message per
+transaction, and the message that fails again goes to quarantine with the reason, to be
+retried or reprocessed.
 """
 
 from __future__ import annotations
@@ -250,13 +252,18 @@ async def _new_ticket(session: AsyncSession, app: App, work: Work) -> Ticket:
 
 
 async def _run_steps(session: AsyncSession, app: App, work: Work) -> tuple[str, str]:
+    """Run the steps; returns the raw mail's new state and the note saying why."""
+    state, note = "processed", ""
     for _name, step in STEPS:
         try:
             await step(session, app, work)
         except Done as done:
-            return done.state, done.note
-    ticket = work.ticket.ref if work.ticket else "-"
-    return "processed", f"{ticket}: {work.thread.threaded_by if work.thread else ''}"
+            state, note = done.state, done.note
+            break
+    else:
+        ticket = work.ticket.ref if work.ticket else "-"
+        note = f"{ticket}: {work.thread.threaded_by if work.thread else ''}"
+    return state, "; ".join([note, *work.notes])
 
 
 async def process_one(app: App, raw: RawMail, parsed: ParsedMessage | Exception) -> str:
