@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -19,9 +18,6 @@ from gateway.db import make_engine, sessionmaker
 from parsing.mime import Limits, MessageRejected, parse_message
 from parsing.model import ParsedMessage
 from responders.render import Renderer
-
-if TYPE_CHECKING:
-    from gateway.metrics import Histogram
 
 
 def utcnow() -> datetime:
@@ -78,12 +74,6 @@ class Parser:
             self._pool = None
 
 
-def _histogram() -> Histogram:
-    from gateway.metrics import Histogram
-
-    return Histogram()
-
-
 def _parse(raw: bytes, limits: Limits) -> ParsedMessage:
     return parse_message(raw, limits=limits)
 
@@ -104,7 +94,6 @@ class App:
     wake_outbox: asyncio.Event = field(default_factory=asyncio.Event)
     # Set to stop the background loops at their next safe point (between transactions).
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
-    processing_latency: Histogram = field(default_factory=lambda: _histogram())
     # DKIM key lookups; None asks DNS. Tests give a function answering from their own keys.
     dkim_dns: Callable[..., bytes] | None = None
 

@@ -1,17 +1,16 @@
 """`/healthz` and `/metrics` (Prometheus text format) on an optional port of `serve`.
 
-Counts come from the store at scrape time, so every process of a scale-out reports the same
-totals; the processing-latency histogram is this process's own.
+Everything comes from the store at scrape time, so the front, its worker and every process of
+a scale-out report the same figures.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
-from dataclasses import dataclass, field
 
-from sqlalchemy import func, select, text
+from sqlalchemy import ColumnElement, Float, case, cast, func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.app import App
 from gateway.models import Delivery, RawMail
@@ -21,29 +20,36 @@ log = logging.getLogger(__name__)
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
-@dataclass
-class Histogram:
-    buckets: tuple[float, ...] = BUCKETS
-    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
-    total: float = 0.0
+def _latency_seconds(dialect: str) -> ColumnElement[float]:
+    """processed_at - received_at in seconds, in the backend's own date arithmetic."""
+    if dialect == "postgresql":
+        return cast(func.extract("epoch", RawMail.processed_at - RawMail.received_at), Float)
+    return (func.julianday(RawMail.processed_at) - func.julianday(RawMail.received_at)) * 86400.0
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
-        self.total += seconds
 
-    def render(self, name: str) -> list[str]:
-        lines = [f"# TYPE {name} histogram"]
-        running = 0
-        for bound, count in zip(self.buckets, self.counts, strict=False):
-            running += count
-            lines.append(f'{name}_bucket{{le="{bound}"}} {running}')
-        running += self.counts[-1]
-        lines += [
-            f'{name}_bucket{{le="+Inf"}} {running}',
-            f"{name}_sum {self.total:.6f}",
-            f"{name}_count {running}",
-        ]
-        return lines
+async def processing_histogram(session: AsyncSession) -> list[str]:
+    """Time from the 250 to the end of processing, as a Prometheus histogram.
+
+    Read from the store, so it covers every worker process, not just this one.
+    """
+    latency = _latency_seconds(session.get_bind().dialect.name)
+    columns = [func.sum(case((latency <= bound, 1), else_=0)) for bound in BUCKETS]
+    query = select(func.count(), func.coalesce(func.sum(latency), 0.0), *columns).where(
+        RawMail.processed_at.is_not(None), RawMail.state.in_(("processed", "duplicate"))
+    )
+    row = (await session.execute(query)).one()
+    count, total, *cumulative = row
+    name = "supportgate_processing_seconds"
+    lines = [f"# TYPE {name} histogram"]
+    lines += [
+        f'{name}_bucket{{le="{b}"}} {int(c or 0)}' for b, c in zip(BUCKETS, cumulative, strict=True)
+    ]
+    lines += [
+        f'{name}_bucket{{le="+Inf"}} {int(count)}',
+        f"{name}_sum {float(total):.6f}",
+        f"{name}_count {int(count)}",
+    ]
+    return lines
 
 
 async def render_metrics(app: App, *, listeners_up: bool) -> str:
@@ -71,8 +77,9 @@ async def render_metrics(app: App, *, listeners_up: bool) -> str:
         f"supportgate_outbox_depth {out.get('queued', 0) + out.get('deferred', 0)}",
         "# TYPE supportgate_listeners_up gauge",
         f"supportgate_listeners_up {1 if listeners_up else 0}",
-        *app.processing_latency.render("supportgate_processing_seconds"),
     ]
+    async with app.readers() as session:
+        lines += await processing_histogram(session)
     return "\n".join(lines) + "\n"
 
 

@@ -286,7 +286,6 @@ async def process_one(app: App, raw: RawMail, parsed: ParsedMessage | Exception)
     try:
         async with app.sessions() as session, session.begin():
             state = await _process_in(session, app, raw.id, parsed, now=now)
-        _observe(app, raw)
         return state
     except Exception as exc:
         log.exception("message %s failed in the pipeline", raw.id)
@@ -307,10 +306,6 @@ async def _process_in(
     live.note = note[:2000]
     live.claimed_until = None
     return state
-
-
-def _observe(app: App, raw: RawMail) -> None:
-    app.processing_latency.observe(max((datetime.now(UTC) - raw.received_at).total_seconds(), 0.0))
 
 
 # A group shares one transaction (one commit instead of one a message) but holds SQLite's
@@ -346,8 +341,6 @@ async def process_group(
             state = await process_one(app, raw, parsed)
             counts[state] = counts.get(state, 0) + 1
         return counts, items[len(done) + 1 :]
-    for raw in done:
-        _observe(app, raw)
     return counts, items[len(done) :]
 
 

@@ -83,7 +83,7 @@ async def http_get(port: int, path: str) -> tuple[int, str]:
     return int(head.split()[1]), body
 
 
-async def test_metrics_and_health_over_http(app: App) -> None:
+async def test_metrics_and_health_over_http(app: App, backend: str) -> None:
     spool = Spool(app.sessions, clock=app.clock)
     writer = asyncio.create_task(spool.run())
     listeners = await start_listeners(app.config, Handler(app.config, spool))
