@@ -119,6 +119,23 @@ async def app(
         await application.close()
 
 
+@pytest.fixture
+async def listener(app: App) -> AsyncIterator[int]:
+    """Our SMTP listener and group-commit spool on a free loopback port, as `serve` runs them."""
+    import asyncio
+
+    from gateway.smtp_server import Handler, start_listeners
+    from gateway.spool import Spool
+
+    spool = Spool(app.sessions, clock=app.clock)
+    writer = asyncio.create_task(spool.run())
+    servers = await start_listeners(app.config, Handler(app.config, spool))
+    yield int(servers[0].sockets[0].getsockname()[1])
+    for server in servers:
+        server.close()
+    writer.cancel()
+
+
 def mail(
     *,
     sender: str = "Jane Doe <jane@customer.org>",

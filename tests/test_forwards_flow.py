@@ -16,7 +16,6 @@ import re
 import smtplib
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from email.message import EmailMessage
 from pathlib import Path
@@ -29,8 +28,6 @@ from gateway.app import App, build_app
 from gateway.models import RawMail, RefusedForward, Ticket
 from gateway.outbox import OutboxWorker
 from gateway.pipeline import process_pending
-from gateway.smtp_server import Handler, start_listeners
-from gateway.spool import Spool
 from gateway.views import ticket_view
 
 from conftest import SECRET, Clock, mail, receive
@@ -56,18 +53,6 @@ FILLED = {
 @pytest.fixture
 def smarthost(smtp_sink: SmtpSink) -> str:
     return f"127.0.0.1:{smtp_sink.port}"
-
-
-@pytest.fixture
-async def listener(app: App) -> AsyncIterator[int]:
-    spool = Spool(app.sessions, clock=app.clock)
-    writer = asyncio.create_task(spool.run())
-    servers = await start_listeners(app.config, Handler(app.config, spool))
-    port = int(servers[0].sockets[0].getsockname()[1])
-    yield port
-    for server in servers:
-        server.close()
-    writer.cancel()
 
 
 async def send_smtp(port: int, data: bytes, *, mail_from: str, rcpt: str) -> None:

@@ -17,7 +17,7 @@ import smtplib
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiosmtplib
@@ -28,8 +28,6 @@ from gateway import db
 from gateway.app import App, Parser, build_app
 from gateway.models import AttachmentRow, Delivery, Message, RawMail, Ticket
 from gateway.pipeline import process_pending
-from gateway.smtp_server import Handler, start_listeners
-from gateway.spool import Spool
 from parsing.headers import addresses
 from parsing.mime import Limits, MessageRejected, parse_message, safe_filename
 from responders.compose import is_safe_address
@@ -624,17 +622,6 @@ async def test_an_escape_in_the_acknowledgement_runs_nothing_in_the_pipeline(
 
 
 # -- SMTP: smuggling and a listener that stays responsive ------------------------------------------
-
-
-@pytest.fixture
-async def listener(app: App) -> AsyncIterator[int]:
-    spool = Spool(app.sessions, clock=app.clock)
-    writer = asyncio.create_task(spool.run())
-    servers = await start_listeners(app.config, Handler(app.config, spool))
-    yield int(servers[0].sockets[0].getsockname()[1])
-    for server in servers:
-        server.close()
-    writer.cancel()
 
 
 def smtp_script(port: int, payload: bytes) -> list[bytes]:

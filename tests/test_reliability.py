@@ -29,8 +29,7 @@ from gateway import db, pipeline
 from gateway.app import App, build_app
 from gateway.models import Delivery, RawMail
 from gateway.outbox import OutboxWorker
-from gateway.smtp_server import Handler, start_listeners
-from gateway.spool import Spool, insert_raw, raw_row
+from gateway.spool import insert_raw, raw_row
 
 from conftest import Clock, load_config, mail, receive, write_config
 from smtp_sink import SmtpSink
@@ -331,18 +330,6 @@ async def test_mail_claimed_by_a_killed_process_is_processed_soon_after_a_restar
 
 
 # -- database faults -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def listener(app: App) -> AsyncIterator[int]:
-    """Our SMTP listener and group-commit spool, as `serve` runs them."""
-    spool = Spool(app.sessions, clock=app.clock)
-    writer = asyncio.create_task(spool.run())
-    servers = await start_listeners(app.config, Handler(app.config, spool))
-    yield int(servers[0].sockets[0].getsockname()[1])
-    for server in servers:
-        server.close()
-    writer.cancel()
 
 
 async def send(port: int, data: bytes) -> tuple[int, str]:

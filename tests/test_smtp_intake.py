@@ -7,7 +7,6 @@ import shutil
 import smtplib
 import socket
 import subprocess
-from collections.abc import AsyncIterator
 
 import aiosmtplib
 import pytest
@@ -15,23 +14,9 @@ from sqlalchemy import func, select, text
 
 from gateway.app import App
 from gateway.models import RawMail
-from gateway.smtp_server import Handler, start_listeners
-from gateway.spool import Spool
 
 from conftest import mail
 from services import REQUIRED
-
-
-@pytest.fixture
-async def listener(app: App) -> AsyncIterator[int]:
-    spool = Spool(app.sessions, clock=app.clock)
-    writer = asyncio.create_task(spool.run())
-    servers = await start_listeners(app.config, Handler(app.config, spool))
-    port = int(servers[0].sockets[0].getsockname()[1])
-    yield port
-    for server in servers:
-        server.close()
-    writer.cancel()
 
 
 async def stored(app: App) -> list[RawMail]:
