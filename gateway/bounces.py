@@ -16,22 +16,23 @@ from parsing.model import BounceRecipient, ParsedMessage
 
 async def _deliveries(
     session: AsyncSession, app: App, raw: RawMail, parsed: ParsedMessage
-) -> list[Delivery]:
-    """By VERP envelope recipient first; the original Message-ID in the report as fallback."""
+) -> tuple[list[Delivery], bool]:
+    """By VERP envelope recipient first; the original Message-ID in the report as fallback.
+
+    The second value says whether the VERP address vouched for the match: only such a
+    report may suppress an address, since anyone can write a report naming a Message-ID.
+    """
     for rcpt in raw.rcpt_tos:
         ident = delivery_from_verp(app.config, rcpt)
         if ident is not None:
             found = await session.get(Delivery, ident)
             if found is not None:
-                return [found]
+                return [found], True
     original = parsed.bounce.original_message_id if parsed.bounce else ""
     if original:
-        return list(
-            (
-                await session.execute(select(Delivery).where(Delivery.message_id == original))
-            ).scalars()
-        )
-    return []
+        query = select(Delivery).where(Delivery.message_id == original)
+        return list((await session.execute(query)).scalars()), False
+    return [], False
 
 
 def _match(deliveries: list[Delivery], recipient: BounceRecipient) -> Delivery | None:
@@ -75,7 +76,7 @@ async def record(
 
     bounce = parsed.bounce
     recipients = bounce.recipients if bounce else ()
-    deliveries = await _deliveries(session, app, raw, parsed)
+    deliveries, vouched = await _deliveries(session, app, raw, parsed)
     summary: list[str] = []
     for recipient in recipients:
         if recipient.action == "delivered":
@@ -121,14 +122,15 @@ async def record(
         delivery.status = "bounced"
         delivery.next_attempt_at = None
         delivery.last_error = f"bounced: {code} {recipient.diagnostic}"[:2000]
-        await suppress(
-            session,
-            app,
-            recipient.address.lower(),
-            now=now,
-            delivery=delivery,
-            reason=f"hard bounce {code} {recipient.diagnostic}",
-        )
+        if vouched:
+            await suppress(
+                session,
+                app,
+                recipient.address.lower(),
+                now=now,
+                delivery=delivery,
+                reason=f"hard bounce {code} {recipient.diagnostic}",
+            )
         if ticket is not None:
             note = (
                 f"Our mail to {recipient.address} bounced ({code}). {recipient.diagnostic}".strip()

@@ -271,6 +271,10 @@ class OutboxWorker:
     async def flush(self, *, limit: int = 200) -> int:
         """Deliver everything due now; returns how many attempts were made."""
         total = 0
+        if self.pool is not None:
+            # Claim no more than the pool sends at once: a lease must not lapse on rows that
+            # are still waiting for a connection, or another worker sends them too.
+            limit = min(limit, self.app.config.outbound.pool_size)
         while not self.app.stopping.is_set():
             rows = await self._claim(limit)
             if not rows:

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway import agents, bounces, forwards, timers
@@ -71,6 +71,11 @@ Step = Callable[[AsyncSession, App, Work], Awaitable[None]]
 
 async def dedupe(session: AsyncSession, app: App, work: Work) -> None:
     """The same Message-ID with the same content is stored once; its mailboxes are merged."""
+    if session.get_bind().dialect.name == "postgresql":
+        # Two workers holding two copies of one mail must not both miss the other's row.
+        await session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:mid))"), {"mid": work.parsed.message_id}
+        )
     duplicate = await find_duplicate(session, work.parsed)
     if duplicate is None:
         return
@@ -437,8 +442,8 @@ async def run(app: App) -> None:
                 last_retry = datetime.now(UTC)
                 if await retry_quarantined(app):
                     log.info("retrying quarantined mail with attempts left")
+            app.wake_pipeline.clear()  # before the pass: a wake during it is kept
             await process_pending(app)
         except Exception:
             log.exception("pipeline pass failed")
-        app.wake_pipeline.clear()
         await app.pause(app.wake_pipeline, 5.0)

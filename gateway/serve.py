@@ -52,8 +52,15 @@ async def work(app: App, *, wake_fd: int | None = None, stop: asyncio.Event | No
         os.set_blocking(wake_fd, False)
 
         def woken() -> None:
-            with contextlib.suppress(BlockingIOError, InterruptedError):
-                os.read(wake_fd, 4096)
+            try:
+                data = os.read(wake_fd, 4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:  # the front is gone: an orphan must not spin or outlive it
+                log.error("the serve process is gone; the worker stops")
+                loop.remove_reader(wake_fd)
+                stop.set()
+                return
             app.wake_pipeline.set()
 
         loop.add_reader(wake_fd, woken)
@@ -76,7 +83,8 @@ async def work(app: App, *, wake_fd: int | None = None, stop: asyncio.Event | No
                 task.cancel()
     finally:
         if wake_fd is not None:
-            loop.remove_reader(wake_fd)
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(wake_fd)
         await worker.close()
         if own_signals:
             _release_signals(loop)

@@ -41,6 +41,8 @@ def raw_row(
     data: bytes, *, mail_from: str, rcpt_tos: list[str], source: str, now: datetime
 ) -> dict[str, object]:
     msgid, irt, refs = threading_headers(data)
+    # aiosmtpd reports MAIL FROM:<> as "<>": the null sender is stored as "" on every path.
+    mail_from = "" if mail_from.strip() in ("", "<>") else mail_from
     return {
         "received_at": now,
         "source": source[:16],

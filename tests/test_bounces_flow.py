@@ -155,6 +155,8 @@ async def test_bounce_without_verp_matches_the_original_message_id(
     async with app.sessions() as session:
         delivery = await session.get(Delivery, ack.id)
         assert delivery is not None and delivery.status == "bounced"
+        # anyone can name a Message-ID in a report: without VERP nothing is suppressed
+        assert await session.get(Suppression, "jane@customer.org") is None
 
 
 async def test_a_tampered_verp_address_links_nothing(app: App, smtp_sink: SmtpSink) -> None:

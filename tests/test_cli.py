@@ -264,3 +264,20 @@ def test_serve_accepts_mail_and_a_restart_processes_the_backlog(cli: Cli) -> Non
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     assert len(cli.json("tickets", "list")) == 2
+
+
+def test_a_worker_whose_serve_is_gone_stops(cli: Cli) -> None:
+    """The wake pipe's end-of-file means the front died: the worker must stop, not spin."""
+    read_fd, write_fd = os.pipe()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "worker", "--wake-fd", str(read_fd)],
+        env=cli.env,
+        pass_fds=(read_fd,),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    os.close(read_fd)
+    os.write(write_fd, b"!")
+    os.close(write_fd)
+    assert worker.wait(timeout=60) == 0
+    assert b"serve process is gone" in worker.stderr.read()  # type: ignore[union-attr]

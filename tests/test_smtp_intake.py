@@ -246,3 +246,23 @@ async def test_no_auth_is_offered_and_nothing_internal_is_said(app: App, listene
     response = await client.execute_command(b"AUTH", b"PLAIN", b"AGphbmUAc2VjcmV0")
     assert response.code >= 500 and "Traceback" not in response.message
     await client.quit()
+
+
+async def test_the_null_sender_over_smtp_is_stored_as_the_null_sender(
+    app: App, listener: int
+) -> None:
+    """aiosmtpd reports MAIL FROM:<> as "<>": it must still be the null sender, never answered."""
+    from gateway.models import Delivery
+    from gateway.pipeline import process_pending
+
+    def send() -> None:
+        with smtplib.SMTP("127.0.0.1", listener, timeout=10) as client:
+            client.sendmail("", ["support@example.com"], mail(message_id="nullsender@x.org"))
+
+    await asyncio.to_thread(send)  # smtplib writes MAIL FROM:<> for an empty sender
+    (raw,) = await stored(app)
+    assert raw.mail_from == ""
+    await process_pending(app)
+    async with app.sessions() as session:
+        kinds = list((await session.execute(select(Delivery.kind))).scalars())
+    assert "acknowledgement" not in kinds
