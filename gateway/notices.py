@@ -15,7 +15,7 @@ from gateway.models import Message, RefusedForward, Ticket
 from gateway.outbox import automatic_gate, enqueue
 from gateway.tickets import event, remember_ids
 from parsing.model import Address, Attachment
-from responders.compose import compose, is_safe_address
+from responders.compose import compose
 from responders.tokens import message_id_for, reply_token
 
 log = logging.getLogger(__name__)
@@ -116,18 +116,6 @@ async def send_notice(
     config = app.config
     recipients: list[Address] = []
     for person in [*to, *cc]:
-        if not is_safe_address(person.addr):
-            event(
-                session,
-                ticket,
-                at=now,
-                actor="gateway",
-                action="notice-skipped",
-                new=name,
-                recipient=person.addr,
-                reason="an address we cannot write in a mail header",
-            )
-            continue
         gate = await automatic_gate(
             session,
             config,

@@ -23,6 +23,7 @@ from gateway.app import App
 from gateway.classify import is_mailer_daemon
 from gateway.config import Config
 from gateway.models import Delivery, DeliveryAttempt, Suppression, Ticket
+from responders.compose import is_safe_address
 from responders.transport import RecipientResult, Relay, SendResult, SmtpPool, deliver_maildir
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ async def automatic_gate(
     """
     if not recipient or config.is_ours(recipient) or is_mailer_daemon(recipient):
         return Gate(False, "not to our own or a daemon address")
+    if not is_safe_address(recipient):
+        return Gate(False, "an address we cannot write in a mail header")
     suppressed = await session.get(Suppression, recipient)
     if suppressed is not None and suppressed.expires_at > now:
         return Gate(False, f"suppressed: {suppressed.reason}", suppressed=True)
