@@ -182,3 +182,27 @@ async def receive(
         )
     await process_pending(app)
     return int(raw_id)
+
+
+async def flush(app: App) -> int:
+    """Deliver what is due now, as `supportgate outbox flush` does."""
+    from gateway.outbox import OutboxWorker
+
+    worker = OutboxWorker(app)
+    try:
+        return await worker.flush()
+    finally:
+        await worker.close()
+
+
+async def deliveries(app: App, kind: str | None = None) -> list[Any]:
+    """The delivery log in order, optionally of one kind."""
+    from sqlalchemy import select
+
+    from gateway.models import Delivery
+
+    async with app.sessions() as session:
+        query = select(Delivery).order_by(Delivery.id)
+        if kind:
+            query = query.where(Delivery.kind == kind)
+        return list((await session.execute(query)).scalars())

@@ -26,7 +26,7 @@ from gateway.models import Delivery, Event, Message, Participant, Ticket
 from gateway.tickets import set_assignee, set_status
 from responders.tokens import reply_token
 
-from conftest import mail, receive
+from conftest import deliveries, mail, receive
 
 FIXTURES = Path(__file__).parent / "fixtures" / "agents"
 SAM = "sam@example.com"
@@ -185,14 +185,6 @@ def with_config(app: App, **agents: Any) -> None:
     app.config = dataclasses.replace(
         app.config, agents=dataclasses.replace(app.config.agents, **agents)
     )
-
-
-async def deliveries(app: App, kind: str | None = None) -> list[Delivery]:
-    async with app.sessions() as session:
-        query = select(Delivery).order_by(Delivery.id)
-        if kind:
-            query = query.where(Delivery.kind == kind)
-        return list((await session.execute(query)).scalars())
 
 
 async def ticket(app: App, ref: str) -> Ticket:

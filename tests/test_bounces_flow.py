@@ -10,9 +10,8 @@ from sqlalchemy import select
 
 from gateway.app import App
 from gateway.models import Delivery, Event, Message, RawMail, Suppression
-from gateway.outbox import OutboxWorker
 
-from conftest import Clock, mail, receive
+from conftest import Clock, flush, mail, receive
 from smtp_sink import SmtpSink
 
 
@@ -46,14 +45,6 @@ def dsn(
         f"From: support@example.com\r\nTo: {recipient}\r\nMessage-ID: <{original_id}>\r\n\r\n"
         "--B--\r\n"
     ).encode()
-
-
-async def flush(app: App) -> None:
-    worker = OutboxWorker(app)
-    try:
-        await worker.flush()
-    finally:
-        await worker.close()
 
 
 async def the_ack(app: App) -> Delivery:

@@ -26,11 +26,10 @@ from sqlalchemy import select
 
 from gateway.app import App, build_app
 from gateway.models import RawMail, RefusedForward, Ticket
-from gateway.outbox import OutboxWorker
 from gateway.pipeline import process_pending
 from gateway.views import ticket_view
 
-from conftest import SECRET, Clock, mail, receive
+from conftest import SECRET, Clock, flush, mail, receive
 from smtp_sink import SmtpSink
 
 FIXTURES = Path(__file__).parent / "fixtures" / "forwards"
@@ -63,14 +62,6 @@ async def send_smtp(port: int, data: bytes, *, mail_from: str, rcpt: str) -> Non
             return client.sendmail(mail_from, [rcpt], data)
 
     assert await asyncio.to_thread(send) == {}
-
-
-async def flush(app: App) -> int:
-    worker = OutboxWorker(app)
-    try:
-        return await worker.flush()
-    finally:
-        await worker.close()
 
 
 def parse(data: bytes) -> EmailMessage:

@@ -26,14 +26,14 @@ from sqlalchemy import select
 
 from gateway import db
 from gateway.app import App, Parser, build_app
-from gateway.models import AttachmentRow, Delivery, Message, RawMail, Ticket
+from gateway.models import AttachmentRow, Message, RawMail, Ticket
 from gateway.pipeline import process_pending
 from parsing.headers import addresses
 from parsing.mime import Limits, MessageRejected, parse_message, safe_filename
 from responders.compose import is_safe_address
 from responders.render import SAMPLE_CONTEXT, Renderer, RenderError
 
-from conftest import SECRET, Clock, load_config, mail, receive, write_config
+from conftest import SECRET, Clock, deliveries, load_config, mail, receive, write_config
 
 HOSTILE = Path(__file__).parent / "fixtures" / "hostile"
 DONE = ("processed", "duplicate", "quarantined")
@@ -103,11 +103,6 @@ async def raw_row(app: App, raw_id: int) -> RawMail:
         row = await session.get(RawMail, raw_id)
         assert row is not None
         return row
-
-
-async def deliveries(app: App) -> list[Delivery]:
-    async with app.sessions() as session:
-        return list((await session.execute(select(Delivery).order_by(Delivery.id))).scalars())
 
 
 async def messages_of(app: App, raw_id: int) -> list[Message]:

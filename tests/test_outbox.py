@@ -10,29 +10,16 @@ import pytest
 from sqlalchemy import select
 
 from gateway.app import App, build_app
-from gateway.models import Delivery, DeliveryAttempt
+from gateway.models import DeliveryAttempt
 from gateway.outbox import OutboxWorker, delivery_from_verp
 
-from conftest import Clock, mail, receive
+from conftest import Clock, deliveries, flush, mail, receive
 from smtp_sink import SmtpSink
 
 
 @pytest.fixture
 def smarthost(smtp_sink: SmtpSink) -> str:
     return f"127.0.0.1:{smtp_sink.port}"
-
-
-async def flush(app: App) -> int:
-    worker = OutboxWorker(app)
-    try:
-        return await worker.flush()
-    finally:
-        await worker.close()
-
-
-async def deliveries(app: App) -> list[Delivery]:
-    async with app.sessions() as session:
-        return list((await session.execute(select(Delivery).order_by(Delivery.id))).scalars())
 
 
 def parse(data: bytes) -> EmailMessage:

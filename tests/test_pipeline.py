@@ -7,26 +7,18 @@ from typing import Any
 from sqlalchemy import func, select
 
 from gateway.app import App
-from gateway.models import Delivery, Message, RawMail, Ticket
+from gateway.models import Message, RawMail, Ticket
 from gateway.pipeline import process_pending
 from gateway.tickets import set_status
 from gateway.views import ticket_view
 
-from conftest import mail, receive
+from conftest import deliveries, mail, receive
 
 
 async def tickets(app: App) -> list[dict[str, Any]]:
     async with app.sessions() as session:
         rows = (await session.execute(select(Ticket).order_by(Ticket.id))).scalars()
         return [await ticket_view(session, t) for t in rows]
-
-
-async def deliveries(app: App, kind: str | None = None) -> list[Delivery]:
-    async with app.sessions() as session:
-        query = select(Delivery).order_by(Delivery.id)
-        if kind:
-            query = query.where(Delivery.kind == kind)
-        return list((await session.execute(query)).scalars())
 
 
 async def test_new_mail_makes_a_ticket_with_an_acknowledgement(app: App, backend: str) -> None:

@@ -27,11 +27,11 @@ from sqlalchemy import event, func, select, text
 
 from gateway import db, pipeline
 from gateway.app import App, build_app
-from gateway.models import Delivery, RawMail
+from gateway.models import RawMail
 from gateway.outbox import OutboxWorker
 from gateway.spool import insert_raw, raw_row
 
-from conftest import Clock, load_config, mail, receive, write_config
+from conftest import Clock, deliveries, flush, load_config, mail, receive, write_config
 from smtp_sink import SmtpSink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,19 +78,6 @@ async def relay_app(
         yield app
     finally:
         await app.close()
-
-
-async def flush(app: App) -> int:
-    worker = OutboxWorker(app)
-    try:
-        return await worker.flush()
-    finally:
-        await worker.close()
-
-
-async def deliveries(app: App) -> list[Delivery]:
-    async with app.sessions() as session:
-        return list((await session.execute(select(Delivery).order_by(Delivery.id))).scalars())
 
 
 def message_ids(sink: SmtpSink) -> Counter[tuple[str, str]]:
