@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from email import policy
 from email.headerregistry import Address as HeaderAddress
+from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
 from email.utils import format_datetime
 
@@ -38,8 +39,28 @@ __all__ = [
     "verify_reply_token",
 ]
 
+
+
+class _Registry(HeaderRegistry):
+    """The stdlib registry builds a new header class on every lookup (`type(...)` each time,
+    about a tenth of composing); the classes depend only on the name, so build each once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes: dict[str, type] = {}
+
+    def __getitem__(self, name: str) -> type:
+        key = name.lower()
+        cls = self._classes.get(key)
+        if cls is None:
+            cls = self._classes[key] = super().__getitem__(key)
+        return cls
+
+
 # refold_source="none": the raw Message-ID headers we set are written exactly as given.
-SMTP_POLICY = policy.default.clone(linesep="\r\n", cte_type="7bit", refold_source="none")
+SMTP_POLICY = policy.default.clone(
+    linesep="\r\n", cte_type="7bit", refold_source="none", header_factory=_Registry()
+)
 MAX_REFERENCES = 20
 TEXT_LIMIT = 200  # subjects, display names, Thread-Topic
 VALUE_LIMIT = 900  # any other header value; a header line stays under 998 octets
@@ -76,6 +97,8 @@ def _settle(text: str, limit: int) -> str:
     """One-line text that stays one line after the policy decodes any encoded words in it."""
     for _ in range(4):
         clean = one_line(text, limit=limit)
+        if "=?" not in clean:  # no encoded word: the policy gives it back as it is
+            return clean
         decoded = str(SMTP_POLICY.header_factory("subject", clean))
         if decoded == clean:
             return clean
