@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.app import App
@@ -73,32 +73,39 @@ async def automatic_gate(
         return Gate(False, "not to our own or a daemon address")
     if not is_safe_address(recipient):
         return Gate(False, "an address we cannot write in a mail header")
-    suppressed = await session.get(Suppression, recipient)
-    if suppressed is not None and suppressed.expires_at > now:
-        return Gate(False, f"suppressed: {suppressed.reason}", suppressed=True)
-    if not capped:
-        return Gate(True)
-    hour = await session.scalar(
-        select(func.count(Delivery.id)).where(
-            Delivery.recipient == recipient,
-            Delivery.automatic.is_(True),
-            Delivery.status != "suppressed",
-            Delivery.created_at > now - timedelta(hours=1),
-        )
+    # One statement for the suppression and both counts: this runs for every automatic mail.
+    suppression = select(Suppression).where(Suppression.address == recipient)
+    counted = capped
+    acked = capped and kind == "acknowledgement" and ticket is not None
+    hour = select(func.count(Delivery.id)).where(
+        Delivery.recipient == recipient,
+        Delivery.automatic.is_(True),
+        Delivery.status != "suppressed",
+        Delivery.created_at > now - timedelta(hours=1),
     )
-    if (hour or 0) >= config.limits.auto_per_sender_per_hour:
-        return Gate(False, f"hourly cap of {config.limits.auto_per_sender_per_hour} reached")
-    if kind == "acknowledgement" and ticket is not None:
-        day = await session.scalar(
-            select(func.count(Delivery.id)).where(
-                Delivery.recipient == recipient,
-                Delivery.ticket_id == ticket.id,
-                Delivery.kind == "acknowledgement",
-                Delivery.created_at > now - timedelta(days=1),
+    day = select(func.count(Delivery.id)).where(
+        Delivery.recipient == recipient,
+        Delivery.ticket_id == (ticket.id if ticket is not None else 0),
+        Delivery.kind == "acknowledgement",
+        Delivery.created_at > now - timedelta(days=1),
+    )
+    row = (
+        await session.execute(
+            select(
+                suppression.with_only_columns(Suppression.expires_at).scalar_subquery(),
+                suppression.with_only_columns(Suppression.reason).scalar_subquery(),
+                hour.scalar_subquery() if counted else literal(0),
+                day.scalar_subquery() if acked else literal(0),
             )
         )
-        if (day or 0) >= config.limits.acks_per_ticket_per_day:
-            return Gate(False, "already acknowledged today")
+    ).one()
+    suppressed_until, why, in_hour, in_day = row
+    if suppressed_until is not None and suppressed_until > now:
+        return Gate(False, f"suppressed: {why}", suppressed=True)
+    if counted and in_hour >= config.limits.auto_per_sender_per_hour:
+        return Gate(False, f"hourly cap of {config.limits.auto_per_sender_per_hour} reached")
+    if acked and in_day >= config.limits.acks_per_ticket_per_day:
+        return Gate(False, "already acknowledged today")
     return Gate(True)
 
 
@@ -117,7 +124,11 @@ async def enqueue(
     status: str = "queued",
     note: str = "",
 ) -> list[Delivery]:
-    """One delivery row per recipient, in the caller's transaction."""
+    """One delivery row per recipient, in the caller's transaction.
+
+    The VERP sender names the row's id, which the row gets at the flush; the worker fills it
+    in when it claims the row, in the same UPDATE as the claim.
+    """
     rows = []
     for recipient in recipients:
         row = Delivery(
@@ -139,9 +150,6 @@ async def enqueue(
         )
         session.add(row)
         rows.append(row)
-    await session.flush()
-    for row in rows:
-        row.mail_from = verp_address(config, row.id)
     return rows
 
 
@@ -204,6 +212,7 @@ class OutboxWorker:
                 row.claimed_until = now + timedelta(
                     seconds=self.app.config.outbound.timeout_seconds * 4
                 )
+                row.mail_from = row.mail_from or verp_address(self.app.config, row.id)
         return rows
 
     async def _send(self, row: Delivery) -> SendResult | str:
