@@ -16,25 +16,37 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from gateway import sqlite_inline
+
 
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
-def make_engine(url: str, *, reader: bool = False, wait_for_lock: bool = True) -> AsyncEngine:
+def make_engine(
+    url: str, *, reader: bool = False, wait_for_lock: bool = True, inline: bool = False
+) -> AsyncEngine:
     """An engine with SQLite in WAL mode and synchronous=FULL, so a commit survives power loss.
 
     Writers begin IMMEDIATE (no read-then-write upgrade can fail mid-transaction); a `reader`
     engine begins deferred and is query-only, so listings never hold the write lock. Without
     `wait_for_lock` a busy database fails at once and the caller retries: SQLite's own busy
     handler sleeps up to 100 ms a try and loses the lock to a busy writer again and again.
+    An `inline` engine runs statements on the event loop's thread (`sqlite_inline`): for the
+    many short statements of the pipeline; a commit's fsync then holds the loop too.
     """
     if is_sqlite(url):
         path = url.partition(":///")[2].split("?")[0]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        busy_ms = 60000 if wait_for_lock else 0
-        engine = create_async_engine(url, connect_args={"timeout": busy_ms / 1000})
+        lock_wait = 60.0 if wait_for_lock else 0.0
+        if inline and path and "?" not in url:
+            creator = sqlite_inline.connector(path, lock_wait=lock_wait)
+            engine = create_async_engine(url, async_creator=creator)
+            busy_ms = 0  # the inline connection waits for a lock itself, yielding the loop
+        else:
+            busy_ms = int(lock_wait * 1000)
+            engine = create_async_engine(url, connect_args={"timeout": lock_wait})
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:

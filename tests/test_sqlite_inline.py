@@ -1,0 +1,92 @@
+"""SQLite run on the loop's thread: a held write lock is waited for without blocking the loop."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+
+from gateway.db import make_engine, sessionmaker
+
+
+def url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path}/inline.db"
+
+
+async def test_statements_and_transactions_work_as_with_aiosqlite(tmp_path: Path) -> None:
+    engine = make_engine(url(tmp_path), inline=True)
+    sessions = sessionmaker(engine)
+    try:
+        async with sessions() as session, session.begin():
+            await session.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)"))
+            await session.execute(text("INSERT INTO t (v) VALUES (:v)"), [{"v": b"a"}, {"v": b"b"}])
+        with pytest.raises(RuntimeError):
+            async with sessions() as session, session.begin():
+                await session.execute(text("INSERT INTO t (v) VALUES (x'63')"))
+                raise RuntimeError("roll back")
+        async with sessions() as session:
+            rows = (await session.execute(text("SELECT v FROM t ORDER BY id"))).scalars().all()
+        assert rows == [b"a", b"b"]
+    finally:
+        await engine.dispose()
+
+
+async def test_a_held_write_lock_is_waited_for_while_the_loop_runs_on(tmp_path: Path) -> None:
+    engine = make_engine(url(tmp_path), inline=True)
+    sessions = sessionmaker(engine)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    try:
+        async with sessions() as session, session.begin():
+            await session.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
+        release = asyncio.Event()
+
+        async def holder() -> None:
+            async with sessions() as session, session.begin():  # BEGIN IMMEDIATE
+                await session.execute(text("INSERT INTO t DEFAULT VALUES"))
+                await release.wait()
+
+        async def waiter() -> int:
+            async with sessions() as session, session.begin():
+                await session.execute(text("INSERT INTO t DEFAULT VALUES"))
+            async with sessions() as session:
+                return int((await session.execute(text("SELECT count(*) FROM t"))).scalar_one())
+
+        ticking = asyncio.ensure_future(ticker())
+        holding = asyncio.ensure_future(holder())
+        await asyncio.sleep(0.01)
+        waiting = asyncio.ensure_future(waiter())
+        await asyncio.sleep(0.1)
+        assert not waiting.done()  # still waiting for the lock...
+        assert ticks > 20  # ...while the loop kept running (the holder needs it to finish)
+        release.set()
+        await holding
+        assert await waiting == 2
+        ticking.cancel()
+    finally:
+        await engine.dispose()
+
+
+async def test_without_lock_wait_a_busy_database_fails_at_once(tmp_path: Path) -> None:
+    engine = make_engine(url(tmp_path), inline=True)
+    impatient = make_engine(url(tmp_path), inline=True, wait_for_lock=False)
+    try:
+        async with sessionmaker(engine)() as session, session.begin():
+            await session.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
+        async with sessionmaker(engine)() as session, session.begin():
+            await session.execute(text("INSERT INTO t DEFAULT VALUES"))
+            with pytest.raises(OperationalError, match="locked"):
+                async with sessionmaker(impatient)() as other, other.begin():
+                    await other.execute(text("INSERT INTO t DEFAULT VALUES"))
+    finally:
+        await engine.dispose()
+        await impatient.dispose()
