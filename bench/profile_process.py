@@ -67,8 +67,22 @@ def _instrument() -> dict[str, list[float]]:
 
         return wrapper
 
+    def wall(name: str, fn: Any) -> Any:
+        @functools.wraps(fn)
+        async def awrapper(*a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return await fn(*a, **kw)
+            finally:
+                spent[name][0] += 1
+                spent[name][1] += time.perf_counter() - t
+
+        return awrapper
+
     pipeline.STEPS = tuple((n, wrap(f"step {n}", f)) for n, f in pipeline.STEPS)
     notices.compose = wrap("  compose (EmailMessage)", notices.compose)
+    pipeline.settle_drafts = wall("waiting for composed mail (wall)", pipeline.settle_drafts)
+    pipeline.process_group = wall("process_group (wall)", pipeline.process_group)
     notices.automatic_gate = wrap("  automatic_gate", notices.automatic_gate)
     notices.enqueue = wrap("  outbox.enqueue", notices.enqueue)
     pipeline.process_one = wrap("process_one (all)", pipeline.process_one)
@@ -81,7 +95,7 @@ async def run(args: argparse.Namespace) -> None:
     cfg = write_config(tmp, port=free_port())
     upgrade(cfg)
     config = load(cfg, env={"SUPPORTGATE_SECRET": SECRET})
-    app = build_app(config)
+    app = build_app(config, parse_workers=args.parse_workers)
     mails = mailgen.generate(args.messages, seed=args.seed)
     async with app.sessions() as session, session.begin():
         await insert_raw(
@@ -170,6 +184,9 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--dump", type=Path, help="write the cProfile stats here")
     parser.add_argument("--switch-interval", type=float, default=0.0)
+    parser.add_argument(
+        "--parse-workers", type=int, default=None, help="default: the shipped config's"
+    )
     parser.add_argument("--no-cprofile", dest="cprofile", action="store_false")
     asyncio.run(run(parser.parse_args()))
     return 0

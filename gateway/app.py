@@ -6,18 +6,22 @@ import asyncio
 import concurrent.futures
 import concurrent.futures.process
 import multiprocessing
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.config import Config
 from gateway.db import make_engine, sessionmaker
+from gateway.workers import ProcessWorker, WorkerLost
 from parsing.mime import Limits, MessageRejected, parse_message
 from parsing.model import ParsedMessage
-from responders.render import Renderer
+from responders.compose import compose
+from responders.render import Notice, Renderer
 
 
 def utcnow() -> datetime:
@@ -28,41 +32,48 @@ class ParseTimeout(MessageRejected):
     pass
 
 
-class Parser:
-    """Parses in worker processes (the second core) with a deadline per message."""
+class _PoolLost(Exception):
+    """The pool went down under a job that did nothing wrong."""
 
-    def __init__(self, *, workers: int, timeout: float, limits: Limits) -> None:
+
+def _cancelled_by_caller() -> bool:
+    """Whether a CancelledError is meant for this task, rather than for a pool job that a
+    recycled pool cancelled."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+PARSE_NICE = 10
+
+
+class _Processes:
+    """A process pool made on first use, and killed (to be made anew) when a job hangs.
+
+    Its processes run at a lower CPU priority (`nice`): parsing runs a batch ahead, so it can
+    wait, while composing a notice holds up the transaction it belongs to.
+    """
+
+    def __init__(self, workers: int, *, nice: int = 0) -> None:
         self.workers = workers
-        self.timeout = timeout
-        self.limits = limits
+        self.nice = nice
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
-    def _executor(self) -> concurrent.futures.ProcessPoolExecutor | None:
+    def get(self) -> concurrent.futures.ProcessPoolExecutor | None:
         if self.workers <= 0:
             return None
         if self._pool is None:
             context = multiprocessing.get_context("forkserver")
-            self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context)
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers, mp_context=context, initializer=os.nice, initargs=(self.nice,)
+            )
         return self._pool
 
-    async def parse(self, raw: bytes) -> ParsedMessage:
-        loop = asyncio.get_running_loop()
-        pool = self._executor()
-        future = loop.run_in_executor(pool, _parse, raw, self.limits)
-        try:
-            return await asyncio.wait_for(future, self.timeout)
-        except TimeoutError:
-            self._recycle()
-            raise ParseTimeout(f"parsing took longer than {self.timeout:g} s") from None
-        except concurrent.futures.process.BrokenProcessPool:
-            self._recycle()
-            raise MessageRejected("the parser process died on this message") from None
-
-    def _recycle(self) -> None:
-        """Kill a pool whose worker is stuck on a hostile message; the next parse makes one."""
-        pool, self._pool = self._pool, None
-        if pool is None:
+    def recycle(self, pool: concurrent.futures.ProcessPoolExecutor | None) -> None:
+        """Kill `pool` if it is still the current one: a job failing late on a pool already
+        replaced must not take down the new one its neighbours are retrying on."""
+        if pool is None or pool is not self._pool:
             return
+        self._pool = None
         processes = list(getattr(pool, "_processes", {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
         for process in processes:
@@ -74,8 +85,74 @@ class Parser:
             self._pool = None
 
 
+class Parser:
+    """Parses in worker processes (the second core) with a deadline per message, and
+    composes outbound mail in a process of its own while the pipeline goes on (see
+    `gateway.workers` for why that one is not a `ProcessPoolExecutor`)."""
+
+    def __init__(self, *, workers: int, timeout: float, limits: Limits) -> None:
+        self.workers = workers
+        self.timeout = timeout
+        self.limits = limits
+        self._parsing = _Processes(workers, nice=PARSE_NICE)
+        self._composer = ProcessWorker() if workers > 0 else None
+        # No more parses in flight than processes: the deadline then times the parse, not
+        # its wait in the pool's queue, and a recycle loses only messages being parsed.
+        self._slots = asyncio.Semaphore(max(workers, 1))
+
+    async def parse(self, raw: bytes) -> ParsedMessage:
+        async with self._slots:
+            try:
+                return await self._parse_once(raw)
+            except _PoolLost:
+                # Another message's deadline or crash took the pool down under this one.
+                return await self._parse_once(raw, last_try=True)
+
+    async def _parse_once(self, raw: bytes, *, last_try: bool = False) -> ParsedMessage:
+        loop = asyncio.get_running_loop()
+        pool = self._parsing.get()
+        future = loop.run_in_executor(pool, _parse, raw, self.limits)
+        try:
+            return await asyncio.wait_for(future, self.timeout)
+        except TimeoutError:
+            self._parsing.recycle(pool)
+            raise ParseTimeout(f"parsing took longer than {self.timeout:g} s") from None
+        except concurrent.futures.process.BrokenProcessPool:
+            self._parsing.recycle(pool)
+            if last_try:
+                raise MessageRejected("the parser process died on this message") from None
+            raise _PoolLost from None
+        except asyncio.CancelledError:
+            if _cancelled_by_caller() or last_try:
+                raise
+            raise _PoolLost from None
+
+    async def compose(self, notice: Notice, options: Mapping[str, Any]) -> bytes:
+        """`responders.compose.compose` in a worker process (inline without workers).
+
+        Our own notices only, so no deadline; should the process die under it, the mail is
+        composed here instead.
+        """
+        if self._composer is None:
+            return compose(notice, **options)
+        try:
+            data: bytes = await self._composer.call(_compose, notice, dict(options))
+            return data
+        except WorkerLost:
+            return compose(notice, **options)
+
+    def close(self) -> None:
+        self._parsing.close()
+        if self._composer is not None:
+            self._composer.stop()
+
+
 def _parse(raw: bytes, limits: Limits) -> ParsedMessage:
     return parse_message(raw, limits=limits)
+
+
+def _compose(notice: Notice, options: dict[str, Any]) -> bytes:
+    return compose(notice, **options)
 
 
 @dataclass
@@ -124,7 +201,7 @@ class App:
 def build_app(
     config: Config, *, clock: Callable[[], datetime] = utcnow, parse_workers: int | None = None
 ) -> App:
-    engine = make_engine(config.database_url)
+    engine = make_engine(config.database_url, inline=True)
     reader = make_engine(config.database_url, reader=True)
     intake = make_engine(config.database_url, wait_for_lock=False)
     templates = (

@@ -23,7 +23,7 @@ from gateway.app import App
 from gateway.classify import Classification, classify
 from gateway.correlate import Thread, find_duplicate, find_thread
 from gateway.models import Message, RawMail, Ticket
-from gateway.notices import Reply, send_notice
+from gateway.notices import DEFER_COMPOSE, Reply, send_notice, settle_drafts
 from gateway.tickets import (
     add_inbound_message,
     add_participants,
@@ -334,12 +334,18 @@ async def process_group(
     now = app.clock()
     try:
         async with app.sessions() as session, session.begin():
+            # Notices are composed on the second core while the next message is handled.
+            session.info[DEFER_COMPOSE] = True
             for raw, parsed in items:
                 state = await _process_in(session, app, raw.id, parsed, now=now)
                 counts[state] = counts.get(state, 0) + 1
                 done.append(raw)
                 if loop.time() - started > GROUP_SECONDS:
                     break
+                # SQLite statements run inline and never yield: let the loop take in composed
+                # mail and serve the other tasks between messages.
+                await asyncio.sleep(0)
+            await settle_drafts(session)
     except Exception:
         counts = {}
         for raw, parsed in items[: len(done) + 1]:
@@ -366,15 +372,23 @@ async def _mark(
 CLAIM = timedelta(minutes=2)
 
 
-async def _claim(app: App, limit: int) -> list[RawMail]:
-    """The oldest received mail. On PostgreSQL rows are leased (SKIP LOCKED) so processes
-    share the work; a lease left by a crash lapses after CLAIM. SQLite has one writer and
-    `process_one` re-checks the state under it, so it needs no lease to outlive a crash."""
+async def _claim(app: App, limit: int, *, after: int = 0) -> list[RawMail]:
+    """The oldest received mail (with ids above `after`). On PostgreSQL rows are leased
+    (SKIP LOCKED) so processes share the work; a lease left by a crash lapses after CLAIM.
+    SQLite has one writer and `process_one` re-checks the state under it, so it needs no
+    lease to outlive a crash."""
     now = app.clock()
-    async with app.sessions() as session, session.begin():
-        query = select(RawMail).where(RawMail.state == "received").order_by(RawMail.id).limit(limit)
-        if session.get_bind().dialect.name != "postgresql":
+    query = (
+        select(RawMail)
+        .where(RawMail.state == "received", RawMail.id > after)
+        .order_by(RawMail.id)
+        .limit(limit)
+    )
+    if app.engine.dialect.name != "postgresql":
+        # A plain read, off the write lock (and off the loop's thread: it reads the blobs).
+        async with app.readers() as session, session.begin():
             return list((await session.execute(query)).scalars())
+    async with app.sessions() as session, session.begin():
         query = query.where(
             or_(RawMail.claimed_until.is_(None), RawMail.claimed_until < now)
         ).with_for_update(skip_locked=True)
@@ -384,33 +398,57 @@ async def _claim(app: App, limit: int) -> list[RawMail]:
     return rows
 
 
+Parsed = list[tuple[RawMail, ParsedMessage | BaseException]]
+
+
+async def _claim_and_parse(app: App, limit: int, *, after: int) -> Parsed:
+    rows = await _claim(app, limit, after=after)
+    results = await asyncio.gather(
+        *(app.parser.parse(r.data) for r in rows), return_exceptions=True
+    )
+    return list(zip(rows, results, strict=True))
+
+
 async def process_pending(app: App, *, limit: int | None = None) -> dict[str, int]:
-    """Process received mail until none is left; returns counts by resulting state."""
+    """Process received mail until none is left; returns counts by resulting state.
+
+    The next batch is claimed and parsed (in the parser's processes) while this one is
+    being processed, so neither core waits for the other.
+    """
     counts: dict[str, int] = {}
     batch = app.config.pipeline.batch
-    while not app.stopping.is_set():
-        rows = await _claim(app, batch)
-        if not rows:
-            return counts
-        parsed = await asyncio.gather(
-            *(app.parser.parse(r.data) for r in rows), return_exceptions=True
-        )
-        ready: list[tuple[RawMail, ParsedMessage]] = []
-        for raw, result in zip(rows, parsed, strict=True):
-            if isinstance(result, BaseException) and not isinstance(result, Exception):
-                raise result
-            if isinstance(result, Exception):
-                state = await process_one(app, raw, result)
-                counts[state] = counts.get(state, 0) + 1
-            else:
-                ready.append((raw, result))
-        while ready and not app.stopping.is_set():
-            group_counts, ready = await process_group(app, ready)
-            for state, count in group_counts.items():
-                counts[state] = counts.get(state, 0) + count
-        if limit is not None and sum(counts.values()) >= limit:
-            return counts
+    ahead: asyncio.Task[Parsed] | None = None
+    try:
+        batch_rows = await _claim_and_parse(app, batch, after=0)
+        while batch_rows and not app.stopping.is_set():
+            after = batch_rows[-1][0].id
+            ahead = asyncio.ensure_future(_claim_and_parse(app, batch, after=after))
+            await _process_batch(app, batch_rows, counts)
+            if limit is not None and sum(counts.values()) >= limit:
+                return counts
+            batch_rows, ahead = await ahead, None
+            if not batch_rows:  # mail that came in behind the last one claimed
+                batch_rows = await _claim_and_parse(app, batch, after=0)
+    finally:
+        if ahead is not None:
+            ahead.cancel()
     return counts
+
+
+async def _process_batch(app: App, batch_rows: Parsed, counts: dict[str, int]) -> None:
+    ready: list[tuple[RawMail, ParsedMessage]] = []
+    for raw, result in batch_rows:
+        if isinstance(result, BaseException) and not isinstance(result, Exception):
+            raise result
+        if isinstance(result, Exception):
+            state = await process_one(app, raw, result)
+            counts[state] = counts.get(state, 0) + 1
+        else:
+            ready.append((raw, result))
+    while ready and not app.stopping.is_set():
+        group_counts, ready = await process_group(app, ready)
+        for state, count in group_counts.items():
+            counts[state] = counts.get(state, 0) + count
 
 
 async def retry_quarantined(app: App) -> int:
