@@ -100,12 +100,19 @@ def _setup_logs(config: Config, *, verbose: bool) -> None:
     )
 
 
+WORKER_NICE = 5
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Pipeline, outbox and timers: the process `serve` starts (or extra ones for scale-out)."""
     from gateway.serve import work
 
     config = _load(args)
     _setup_logs(config, verbose=args.verbose)
+    if args.wake_fd is not None:
+        # Started by `serve`: when both want the CPU, taking mail in (a sender is waiting for
+        # the 250) goes before processing it (it is stored, and waits for nobody).
+        os.nice(WORKER_NICE)
 
     async def body(app: App) -> int:
         await work(app, wake_fd=args.wake_fd)
