@@ -113,6 +113,13 @@ def _insert_ignore(session: AsyncSession, model: Any) -> Any:
     return (pg_insert if dialect == "postgresql" else sqlite_insert)(model)
 
 
+async def _insert_rows(session: AsyncSession, stmt: Any) -> None:
+    """A Core insert that needs only its ticket's row, which exists once the ticket has an
+    id: pending ORM changes wait for the next flush instead of getting one of their own."""
+    with session.no_autoflush:
+        await session.execute(stmt)
+
+
 async def add_participants(
     session: AsyncSession, ticket: Ticket, people: Iterable[Address], *, role: str
 ) -> None:
@@ -121,7 +128,9 @@ async def add_participants(
     ]
     if rows:
         stmt = _insert_ignore(session, Participant).values(rows)
-        await session.execute(stmt.on_conflict_do_nothing(index_elements=["ticket_id", "address"]))
+        await _insert_rows(
+            session, stmt.on_conflict_do_nothing(index_elements=["ticket_id", "address"])
+        )
 
 
 async def remember_ids(
@@ -136,8 +145,8 @@ async def remember_ids(
     ]
     if rows:
         stmt = _insert_ignore(session, ThreadRef).values(rows)
-        await session.execute(
-            stmt.on_conflict_do_nothing(index_elements=["message_id", "ticket_id"])
+        await _insert_rows(
+            session, stmt.on_conflict_do_nothing(index_elements=["message_id", "ticket_id"])
         )
 
 
