@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.config import Config
@@ -31,8 +31,32 @@ def _token_of(address: str) -> str:
     return token if plus else ""
 
 
+# Built once: these run for every message, and building a statement (and its cache key)
+# costs more than SQLite takes to answer it.
+_BY_REF = select(Ticket).where(Ticket.ref == bindparam("ref"))
+_BY_THREAD_ID = (
+    select(Ticket)
+    .join(ThreadRef, ThreadRef.ticket_id == Ticket.id)
+    .where(ThreadRef.message_id == bindparam("mid"))
+    .order_by(ThreadRef.stored.desc(), ThreadRef.id)
+    .limit(1)
+)
+_PARTICIPANT = select(Participant.id).where(
+    Participant.ticket_id == bindparam("ticket"), Participant.address == bindparam("address")
+)
+_DUPLICATE = (
+    select(Message)
+    .where(
+        Message.message_id == bindparam("mid"),
+        Message.content_hash == bindparam("hash"),
+        Message.direction == "in",
+    )
+    .limit(1)
+)
+
+
 async def _ticket_by_ref(session: AsyncSession, ref: str) -> Ticket | None:
-    return (await session.execute(select(Ticket).where(Ticket.ref == ref))).scalar_one_or_none()
+    return (await session.execute(_BY_REF, {"ref": ref})).scalar_one_or_none()
 
 
 async def _ticket_by_message_id(session: AsyncSession, config: Config, mid: str) -> Ticket | None:
@@ -41,26 +65,13 @@ async def _ticket_by_message_id(session: AsyncSession, config: Config, mid: str)
         ticket = await _ticket_by_ref(session, ref)
         if ticket is not None:
             return ticket
-    row = (
-        await session.execute(
-            select(Ticket)
-            .join(ThreadRef, ThreadRef.ticket_id == Ticket.id)
-            .where(ThreadRef.message_id == mid)
-            .order_by(ThreadRef.stored.desc(), ThreadRef.id)
-            .limit(1)
-        )
-    ).scalar_one_or_none()
-    return row
+    return (await session.execute(_BY_THREAD_ID, {"mid": mid})).scalar_one_or_none()
 
 
 async def _is_participant(session: AsyncSession, ticket: Ticket, address: str) -> bool:
     if address in (ticket.requester, ticket.assignee, ticket.submitter):
         return True
-    found = await session.execute(
-        select(Participant.id).where(
-            Participant.ticket_id == ticket.id, Participant.address == address
-        )
-    )
+    found = await session.execute(_PARTICIPANT, {"ticket": ticket.id, "address": address})
     return found.first() is not None
 
 
@@ -127,14 +138,5 @@ async def _match(
 
 async def find_duplicate(session: AsyncSession, parsed: ParsedMessage) -> Message | None:
     """A stored inbound message with the same Message-ID and the same content."""
-    return (
-        await session.execute(
-            select(Message)
-            .where(
-                Message.message_id == parsed.message_id,
-                Message.content_hash == parsed.content_hash,
-                Message.direction == "in",
-            )
-            .limit(1)
-        )
-    ).scalar_one_or_none()
+    params = {"mid": parsed.message_id, "hash": parsed.content_hash}
+    return (await session.execute(_DUPLICATE, params)).scalar_one_or_none()

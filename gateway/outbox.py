@@ -15,8 +15,9 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, literal, or_, select
+from sqlalchemy import Select, String, bindparam, func, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.app import App
@@ -55,6 +56,36 @@ class Gate:
     suppressed: bool = False
 
 
+def _gate_statement(*, counted: bool, acked: bool) -> Select[Any]:
+    """The suppression and both counts in one statement: this runs for every automatic mail.
+    Built once per variant (see `_GATE_*`), since building one costs more than running it."""
+    recipient = bindparam("recipient", type_=String())
+    suppression = select(Suppression).where(Suppression.address == recipient)
+    hour = select(func.count(Delivery.id)).where(
+        Delivery.recipient == recipient,
+        Delivery.automatic.is_(True),
+        Delivery.status != "suppressed",
+        Delivery.created_at > bindparam("hour_since"),
+    )
+    day = select(func.count(Delivery.id)).where(
+        Delivery.recipient == recipient,
+        Delivery.ticket_id == bindparam("ticket"),
+        Delivery.kind == "acknowledgement",
+        Delivery.created_at > bindparam("day_since"),
+    )
+    return select(
+        suppression.with_only_columns(Suppression.expires_at).scalar_subquery(),
+        suppression.with_only_columns(Suppression.reason).scalar_subquery(),
+        hour.scalar_subquery() if counted else literal(0),
+        day.scalar_subquery() if acked else literal(0),
+    )
+
+
+_GATE_SUPPRESSION = _gate_statement(counted=False, acked=False)
+_GATE_CAPPED = _gate_statement(counted=True, acked=False)
+_GATE_ACK = _gate_statement(counted=True, acked=True)
+
+
 async def automatic_gate(
     session: AsyncSession,
     config: Config,
@@ -73,32 +104,16 @@ async def automatic_gate(
         return Gate(False, "not to our own or a daemon address")
     if not is_safe_address(recipient):
         return Gate(False, "an address we cannot write in a mail header")
-    # One statement for the suppression and both counts: this runs for every automatic mail.
-    suppression = select(Suppression).where(Suppression.address == recipient)
     counted = capped
     acked = capped and kind == "acknowledgement" and ticket is not None
-    hour = select(func.count(Delivery.id)).where(
-        Delivery.recipient == recipient,
-        Delivery.automatic.is_(True),
-        Delivery.status != "suppressed",
-        Delivery.created_at > now - timedelta(hours=1),
-    )
-    day = select(func.count(Delivery.id)).where(
-        Delivery.recipient == recipient,
-        Delivery.ticket_id == (ticket.id if ticket is not None else 0),
-        Delivery.kind == "acknowledgement",
-        Delivery.created_at > now - timedelta(days=1),
-    )
-    row = (
-        await session.execute(
-            select(
-                suppression.with_only_columns(Suppression.expires_at).scalar_subquery(),
-                suppression.with_only_columns(Suppression.reason).scalar_subquery(),
-                hour.scalar_subquery() if counted else literal(0),
-                day.scalar_subquery() if acked else literal(0),
-            )
-        )
-    ).one()
+    statement = _GATE_ACK if acked else _GATE_CAPPED if counted else _GATE_SUPPRESSION
+    params = {
+        "recipient": recipient,
+        "hour_since": now - timedelta(hours=1),
+        "ticket": ticket.id if ticket is not None else 0,
+        "day_since": now - timedelta(days=1),
+    }
+    row = (await session.execute(statement, params)).one()
     suppressed_until, why, in_hour, in_day = row
     if suppressed_until is not None and suppressed_until > now:
         return Gate(False, f"suppressed: {why}", suppressed=True)
