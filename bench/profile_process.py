@@ -81,7 +81,6 @@ def _instrument() -> dict[str, list[float]]:
 
     pipeline.STEPS = tuple((n, wrap(f"step {n}", f)) for n, f in pipeline.STEPS)
     notices.compose = wrap("  compose (EmailMessage)", notices.compose)
-    pipeline.settle_drafts = wall("waiting for composed mail (wall)", pipeline.settle_drafts)
     pipeline.process_group = wall("process_group (wall)", pipeline.process_group)
     notices.automatic_gate = wrap("  automatic_gate", notices.automatic_gate)
     notices.enqueue = wrap("  outbox.enqueue", notices.enqueue)

@@ -7,21 +7,18 @@ import concurrent.futures
 import concurrent.futures.process
 import multiprocessing
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.config import Config
 from gateway.db import make_engine, sessionmaker
-from gateway.workers import ProcessWorker, WorkerLost
 from parsing.mime import Limits, MessageRejected, parse_message
 from parsing.model import ParsedMessage
-from responders.compose import compose
-from responders.render import Notice, Renderer
+from responders.render import Renderer
 
 
 def utcnow() -> datetime:
@@ -86,16 +83,13 @@ class _Processes:
 
 
 class Parser:
-    """Parses in worker processes (the second core) with a deadline per message, and
-    composes outbound mail in a process of its own while the pipeline goes on (see
-    `gateway.workers` for why that one is not a `ProcessPoolExecutor`)."""
+    """Parses in worker processes (the second core) with a deadline per message."""
 
     def __init__(self, *, workers: int, timeout: float, limits: Limits) -> None:
         self.workers = workers
         self.timeout = timeout
         self.limits = limits
         self._parsing = _Processes(workers, nice=PARSE_NICE)
-        self._composer = ProcessWorker() if workers > 0 else None
         # No more parses in flight than processes: the deadline then times the parse, not
         # its wait in the pool's queue, and a recycle loses only messages being parsed.
         self._slots = asyncio.Semaphore(max(workers, 1))
@@ -127,32 +121,12 @@ class Parser:
                 raise
             raise _PoolLost from None
 
-    async def compose(self, notice: Notice, options: Mapping[str, Any]) -> bytes:
-        """`responders.compose.compose` in a worker process (inline without workers).
-
-        Our own notices only, so no deadline; should the process die under it, the mail is
-        composed here instead.
-        """
-        if self._composer is None:
-            return compose(notice, **options)
-        try:
-            data: bytes = await self._composer.call(_compose, notice, dict(options))
-            return data
-        except WorkerLost:
-            return compose(notice, **options)
-
     def close(self) -> None:
         self._parsing.close()
-        if self._composer is not None:
-            self._composer.stop()
 
 
 def _parse(raw: bytes, limits: Limits) -> ParsedMessage:
     return parse_message(raw, limits=limits)
-
-
-def _compose(notice: Notice, options: dict[str, Any]) -> bytes:
-    return compose(notice, **options)
 
 
 @dataclass

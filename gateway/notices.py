@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import event as orm_event
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
 
 from gateway.app import App
-from gateway.models import Delivery, Message, RefusedForward, Ticket
+from gateway.models import Message, RefusedForward, Ticket
 from gateway.outbox import automatic_gate, enqueue
 from gateway.tickets import event, remember_ids
 from parsing.model import Address, Attachment
@@ -175,23 +171,22 @@ async def send_notice(
     local, _, domain = ticket.mailbox.partition("@")
     token = reply_token(ticket_ref=ticket.ref, agent=reply_token_for, secret=config.secret)
     references = (*reply.references, reply.message_id) if reply and reply.message_id else ()
-    options: dict[str, Any] = {
-        "from_addr": from_addr,
-        "to": to_recipients,
-        "cc": [r for r in cc_recipients if r not in to_recipients],
-        "message_id": mid,
-        "attachments": [(a.filename, a.content_type, a.data) for a in attachments],
-        "in_reply_to": reply.message_id if reply and reply.message_id else None,
-        "references": references,
-        "reply_to": Address(f"{local}+{token}@{domain}", from_addr.name),
-        "auto_submitted": (
-            ("auto-generated" if name in TIMER_NOTICES else "auto-replied") if automatic else None
-        ),
-        "thread_topic": ticket.subject,
-        "date": now,
-    }
-    deferred = bool(session.info.get(DEFER_COMPOSE))
-    data = b"" if deferred else compose(notice, **options)
+    data = compose(
+        notice,
+        from_addr=from_addr,
+        to=to_recipients,
+        cc=[r for r in cc_recipients if r not in to_recipients],
+        message_id=mid,
+        attachments=[(a.filename, a.content_type, a.data) for a in attachments],
+        in_reply_to=reply.message_id if reply and reply.message_id else None,
+        references=references,
+        reply_to=Address(f"{local}+{token}@{domain}", from_addr.name),
+        auto_submitted=("auto-generated" if name in TIMER_NOTICES else "auto-replied")
+        if automatic
+        else None,
+        thread_topic=ticket.subject,
+        date=now,
+    )
     message = Message(
         ticket_id=ticket.id,
         raw_id=None,
@@ -213,7 +208,7 @@ async def send_notice(
         session.add(message)
         await session.flush()
         await remember_ids(session, ticket, stored=[mid], referenced=[])
-    rows = await enqueue(
+    await enqueue(
         session,
         config,
         data=data,
@@ -225,37 +220,8 @@ async def send_notice(
         ticket=ticket,
         message_row=message.id if record else None,
     )
-    if deferred:
-        job = asyncio.ensure_future(app.parser.compose(notice, options))
-        session.info.setdefault(DRAFTS, []).append((job, rows))
     app.wake_outbox.set()
     return message
-
-
-# A transaction that sets `session.info[DEFER_COMPOSE]` has its notices composed in the
-# parser's processes while it goes on; it must `await settle_drafts(session)` before its
-# commit, which the listener below enforces so no mail is ever stored without its bytes.
-DEFER_COMPOSE = "supportgate.defer_compose"
-DRAFTS = "supportgate.drafts"
-
-
-async def settle_drafts(session: AsyncSession) -> None:
-    """Wait for the notices being composed and put their bytes in their delivery rows."""
-    drafts: list[tuple[asyncio.Future[bytes], list[Delivery]]] = session.info.pop(DRAFTS, [])
-    try:
-        for job, rows in drafts:
-            data = await job
-            for row in rows:
-                row.data = data
-    finally:
-        for job, _rows in drafts:
-            job.cancel()
-
-
-@orm_event.listens_for(Session, "before_commit")
-def _no_unsettled_drafts(session: Session) -> None:
-    if session.info.get(DRAFTS):
-        raise RuntimeError("notices still being composed at commit: call settle_drafts first")
 
 
 async def send_refusal(

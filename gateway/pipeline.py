@@ -23,7 +23,7 @@ from gateway.app import App
 from gateway.classify import Classification, classify
 from gateway.correlate import Thread, find_duplicate, find_thread
 from gateway.models import Message, RawMail, Ticket
-from gateway.notices import DEFER_COMPOSE, Reply, send_notice, settle_drafts
+from gateway.notices import Reply, send_notice
 from gateway.tickets import (
     add_inbound_message,
     add_participants,
@@ -334,18 +334,15 @@ async def process_group(
     now = app.clock()
     try:
         async with app.sessions() as session, session.begin():
-            # Notices are composed on the second core while the next message is handled.
-            session.info[DEFER_COMPOSE] = True
             for raw, parsed in items:
                 state = await _process_in(session, app, raw.id, parsed, now=now)
                 counts[state] = counts.get(state, 0) + 1
                 done.append(raw)
                 if loop.time() - started > GROUP_SECONDS:
                     break
-                # SQLite statements run inline and never yield: let the loop take in composed
-                # mail and serve the other tasks between messages.
+                # SQLite statements run inline and never yield: let the outbox and the
+                # timers have the loop between messages.
                 await asyncio.sleep(0)
-            await settle_drafts(session)
     except Exception:
         counts = {}
         for raw, parsed in items[: len(done) + 1]:

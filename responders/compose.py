@@ -40,7 +40,6 @@ __all__ = [
 ]
 
 
-
 class _Registry(HeaderRegistry):
     """The stdlib registry builds a new header class on every lookup (`type(...)` each time,
     about a tenth of composing); the classes depend only on the name, so build each once."""
