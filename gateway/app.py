@@ -143,6 +143,9 @@ class App:
     clock: Callable[[], datetime] = utcnow
     wake_pipeline: asyncio.Event = field(default_factory=asyncio.Event)
     wake_outbox: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when intake waits for SQLite's write lock: a pipeline group commits at its next
+    # message boundary instead of holding the lock for its full GROUP_SECONDS.
+    intake_waiting: asyncio.Event = field(default_factory=asyncio.Event)
     # Set to stop the background loops at their next safe point (between transactions).
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     # DKIM key lookups; None asks DNS. Tests give a function answering from their own keys.

@@ -314,7 +314,8 @@ async def _process_in(
 
 
 # A group shares one transaction (one commit instead of one a message) but holds SQLite's
-# write lock no longer than this, so the SMTP spool never waits long for its commit.
+# write lock no longer than this, so the SMTP spool never waits long for its commit; and
+# once the spool says it is waiting (`App.intake_waiting`), no longer than the message at hand.
 GROUP_SECONDS = 0.05
 
 
@@ -332,13 +333,14 @@ async def process_group(
     loop = asyncio.get_running_loop()
     started = loop.time()
     now = app.clock()
+    app.intake_waiting.clear()
     try:
         async with app.sessions() as session, session.begin():
             for raw, parsed in items:
                 state = await _process_in(session, app, raw.id, parsed, now=now)
                 counts[state] = counts.get(state, 0) + 1
                 done.append(raw)
-                if loop.time() - started > GROUP_SECONDS:
+                if loop.time() - started > GROUP_SECONDS or app.intake_waiting.is_set():
                     break
                 # SQLite statements run inline and never yield: let the outbox and the
                 # timers have the loop between messages.

@@ -61,7 +61,10 @@ async def work(app: App, *, wake_fd: int | None = None, stop: asyncio.Event | No
                 loop.remove_reader(wake_fd)
                 stop.set()
                 return
-            app.wake_pipeline.set()
+            if INTAKE_WAITING in data:
+                app.intake_waiting.set()
+            if WAKE in data:
+                app.wake_pipeline.set()
 
         loop.add_reader(wake_fd, woken)
     worker = OutboxWorker(app)
@@ -90,6 +93,11 @@ async def work(app: App, *, wake_fd: int | None = None, stop: asyncio.Event | No
             _release_signals(loop)
 
 
+# Bytes on the pipe from serve to its worker: mail was stored; intake waits for the lock.
+WAKE = b"!"
+INTAKE_WAITING = b"?"
+
+
 class _Worker:
     """The worker process, restarted if it dies; woken by a byte on a pipe."""
 
@@ -100,8 +108,14 @@ class _Worker:
         os.set_blocking(self.write_fd, False)
 
     def wake(self) -> None:
+        self._send(WAKE)
+
+    def intake_waiting(self) -> None:
+        self._send(INTAKE_WAITING)
+
+    def _send(self, signal_byte: bytes) -> None:
         with contextlib.suppress(BlockingIOError, BrokenPipeError, InterruptedError):
-            os.write(self.write_fd, b"!")
+            os.write(self.write_fd, signal_byte)
 
     async def supervise(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
@@ -146,7 +160,8 @@ async def serve(
     stop = _stop_event(loop)
     helper = _Worker(worker_command) if worker_command else None
     wake: Callable[[], None] = helper.wake if helper else app.wake_pipeline.set
-    spool = Spool(app.intake, clock=app.clock, on_stored=wake)
+    busy: Callable[[], None] = helper.intake_waiting if helper else app.intake_waiting.set
+    spool = Spool(app.intake, clock=app.clock, on_stored=wake, on_busy=busy)
     servers: list[asyncio.Server] = []
     try:
         async with asyncio.TaskGroup() as group:

@@ -78,12 +78,14 @@ class Spool:
         max_batch: int = 500,
         max_waiting: int = 5000,
         on_stored: Callable[[], None] | None = None,
+        on_busy: Callable[[], None] | None = None,
     ) -> None:
         self._factory = factory
         self._clock = clock
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(max_waiting)
         self._on_stored = on_stored
+        self._on_busy = on_busy  # told when a commit finds the write lock held
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -135,6 +137,8 @@ class Spool:
             except OperationalError as exc:
                 if not is_lock_error(exc) or loop.time() > deadline:
                     raise
+                if self._on_busy is not None:
+                    self._on_busy()
             await asyncio.sleep(0.002)
 
     async def _commit_batch(self, batch: list[_Pending]) -> None:

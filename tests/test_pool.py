@@ -57,3 +57,53 @@ async def test_the_pipeline_with_a_parser_process_stores_every_mail_whole(app: A
     async with app.sessions() as session:
         states = (await session.execute(select(RawMail.state))).scalars()
         assert set(states) == {"processed"}
+
+
+async def test_a_group_commits_early_once_intake_waits_for_the_lock(app: App) -> None:
+    from gateway.pipeline import process_group
+
+    async with app.sessions() as session, session.begin():
+        rows = [
+            raw_row(
+                mail(subject=f"question {n}", sender=f"q{n}@customer.org"),
+                mail_from=f"q{n}@customer.org",
+                rcpt_tos=["support@example.com"],
+                source="smtp",
+                now=app.clock(),
+            )
+            for n in range(6)
+        ]
+        await insert_raw(session, rows)
+    async with app.sessions() as session:
+        raws = list((await session.execute(select(RawMail).order_by(RawMail.id))).scalars())
+    items = [(raw, await app.parser.parse(raw.data)) for raw in raws]
+    # The spool says it waits as soon as the group has started.
+    asyncio.get_running_loop().call_soon(app.intake_waiting.set)
+    counts, rest = await process_group(app, items)
+    assert counts == {"processed": 6 - len(rest)}
+    assert 0 < len(rest) < 6  # committed early, the rest left for the next group
+    assert await process_pending(app) == {"processed": len(rest)}
+
+
+async def test_the_spool_says_when_it_waits_for_the_write_lock(app: App) -> None:
+    from gateway.spool import Spool
+
+    told: list[int] = []
+    spool = Spool(app.intake, clock=app.clock, on_busy=lambda: told.append(1))
+    writer = asyncio.ensure_future(spool.run())
+    try:
+        async with app.sessions() as session, session.begin():  # holds the write lock
+            await session.execute(select(RawMail.id).limit(1))
+            storing = asyncio.ensure_future(
+                spool.store(
+                    mail(),
+                    mail_from="j@customer.org",
+                    rcpt_tos=["support@example.com"],
+                    source="smtp",
+                )
+            )
+            await asyncio.sleep(0.05)
+            assert told and not storing.done()
+        assert await storing > 0
+    finally:
+        writer.cancel()
