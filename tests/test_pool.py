@@ -17,6 +17,22 @@ from parsing.mime import Limits
 from conftest import deliveries, mail
 
 
+async def store(app: App, count: int) -> None:
+    """`count` new customer mails stored as the SMTP spool stores them."""
+    async with app.sessions() as session, session.begin():
+        rows = [
+            raw_row(
+                mail(subject=f"printer {n} broken", sender=f"c{n}@customer.org"),
+                mail_from=f"c{n}@customer.org",
+                rcpt_tos=["support@example.com"],
+                source="smtp",
+                now=app.clock(),
+            )
+            for n in range(count)
+        ]
+        await insert_raw(session, rows)
+
+
 def parser(workers: int) -> Parser:
     return Parser(workers=workers, timeout=20.0, limits=Limits())
 
@@ -36,18 +52,7 @@ async def test_a_pool_recycled_under_parses_loses_none_of_them() -> None:
 
 async def test_the_pipeline_with_a_parser_process_stores_every_mail_whole(app: App) -> None:
     app.parser = parser(1)
-    async with app.sessions() as session, session.begin():
-        rows = [
-            raw_row(
-                mail(subject=f"printer {n} broken", sender=f"c{n}@customer.org"),
-                mail_from=f"c{n}@customer.org",
-                rcpt_tos=["support@example.com"],
-                source="smtp",
-                now=app.clock(),
-            )
-            for n in range(12)
-        ]
-        await insert_raw(session, rows)
+    await store(app, 12)
     assert await process_pending(app) == {"processed": 12}
     sent = await deliveries(app)
     assert len(sent) >= 12
@@ -62,18 +67,7 @@ async def test_the_pipeline_with_a_parser_process_stores_every_mail_whole(app: A
 async def test_a_group_commits_early_once_intake_waits_for_the_lock(app: App) -> None:
     from gateway.pipeline import process_group
 
-    async with app.sessions() as session, session.begin():
-        rows = [
-            raw_row(
-                mail(subject=f"question {n}", sender=f"q{n}@customer.org"),
-                mail_from=f"q{n}@customer.org",
-                rcpt_tos=["support@example.com"],
-                source="smtp",
-                now=app.clock(),
-            )
-            for n in range(6)
-        ]
-        await insert_raw(session, rows)
+    await store(app, 6)
     async with app.sessions() as session:
         raws = list((await session.execute(select(RawMail).order_by(RawMail.id))).scalars())
     items = [(raw, await app.parser.parse(raw.data)) for raw in raws]
