@@ -208,6 +208,7 @@ class OutboxWorker:
             await self.pool.aclose()
 
     async def _claim(self, limit: int) -> list[Delivery]:
+        await self.app.give_way()
         now = self.app.clock()
         async with self.app.sessions() as session, session.begin():
             query = (
@@ -239,6 +240,7 @@ class OutboxWorker:
         )
 
     async def _record(self, row: Delivery, result: SendResult | str) -> None:
+        await self.app.give_way()
         now = self.app.clock()
         async with self.app.sessions() as session, session.begin():
             live = await session.get(Delivery, row.id)
