@@ -129,12 +129,6 @@ def _parse(raw: bytes, limits: Limits) -> ParsedMessage:
     return parse_message(raw, limits=limits)
 
 
-# After intake last said it waited for SQLite's write lock, background writers keep off the
-# lock this long (a few of the spool's 2 ms retries), and wait for that at most GIVE_WAY_MOST.
-INTAKE_QUIET = 0.01
-GIVE_WAY_MOST = 0.2
-
-
 @dataclass
 class App:
     config: Config
@@ -150,30 +144,12 @@ class App:
     wake_pipeline: asyncio.Event = field(default_factory=asyncio.Event)
     wake_outbox: asyncio.Event = field(default_factory=asyncio.Event)
     # Set when intake waits for SQLite's write lock: a pipeline group commits at its next
-    # message boundary instead of holding the lock for its full GROUP_SECONDS, and new
-    # write transactions wait until intake has been quiet a moment (`give_way`).
+    # message boundary instead of holding the lock for its full GROUP_SECONDS.
     intake_waiting: asyncio.Event = field(default_factory=asyncio.Event)
-    _intake_busy_until: float = 0.0
     # Set to stop the background loops at their next safe point (between transactions).
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     # DKIM key lookups; None asks DNS. Tests give a function answering from their own keys.
     dkim_dns: Callable[..., bytes] | None = None
-
-    def note_intake_waiting(self) -> None:
-        """Intake found the write lock held (the spool says so; in `serve`, over the pipe)."""
-        self.intake_waiting.set()
-        self._intake_busy_until = asyncio.get_running_loop().time() + INTAKE_QUIET
-
-    async def give_way(self) -> None:
-        """Before a background write transaction: while intake waits for the lock, let it
-        go first, for at most GIVE_WAY_MOST seconds so the mail work never starves."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + GIVE_WAY_MOST
-        while True:  # the deadline moves on while intake keeps saying it waits
-            wait = min(self._intake_busy_until, end) - loop.time()
-            if wait <= 0:
-                return
-            await asyncio.sleep(wait)
 
     async def pause(self, event: asyncio.Event, seconds: float) -> None:
         """Wait for `event`, `seconds`, or a stop, whichever comes first."""

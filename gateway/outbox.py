@@ -208,7 +208,6 @@ class OutboxWorker:
             await self.pool.aclose()
 
     async def _claim(self, limit: int) -> list[Delivery]:
-        await self.app.give_way()
         now = self.app.clock()
         async with self.app.sessions() as session, session.begin():
             query = (
@@ -240,7 +239,6 @@ class OutboxWorker:
         )
 
     async def _record(self, row: Delivery, result: SendResult | str) -> None:
-        await self.app.give_way()
         now = self.app.clock()
         async with self.app.sessions() as session, session.begin():
             live = await session.get(Delivery, row.id)

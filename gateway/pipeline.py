@@ -333,7 +333,6 @@ async def process_group(
     loop = asyncio.get_running_loop()
     started = loop.time()
     now = app.clock()
-    await app.give_way()
     app.intake_waiting.clear()
     try:
         async with app.sessions() as session, session.begin():

@@ -62,7 +62,7 @@ async def work(app: App, *, wake_fd: int | None = None, stop: asyncio.Event | No
                 stop.set()
                 return
             if INTAKE_WAITING in data:
-                app.note_intake_waiting()
+                app.intake_waiting.set()
             if WAKE in data:
                 app.wake_pipeline.set()
 
@@ -160,7 +160,7 @@ async def serve(
     stop = _stop_event(loop)
     helper = _Worker(worker_command) if worker_command else None
     wake: Callable[[], None] = helper.wake if helper else app.wake_pipeline.set
-    busy: Callable[[], None] = helper.intake_waiting if helper else app.note_intake_waiting
+    busy: Callable[[], None] = helper.intake_waiting if helper else app.intake_waiting.set
     spool = Spool(app.intake, clock=app.clock, on_stored=wake, on_busy=busy)
     servers: list[asyncio.Server] = []
     try:

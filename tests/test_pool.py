@@ -8,7 +8,7 @@ import email.policy
 
 from sqlalchemy import select
 
-from gateway.app import GIVE_WAY_MOST, INTAKE_QUIET, App, Parser
+from gateway.app import App, Parser
 from gateway.models import RawMail
 from gateway.pipeline import process_pending
 from gateway.spool import insert_raw, raw_row
@@ -101,24 +101,3 @@ async def test_the_spool_says_when_it_waits_for_the_write_lock(app: App) -> None
         assert await storing > 0
     finally:
         writer.cancel()
-
-
-async def test_background_writers_give_way_while_intake_waits_but_never_starve(app: App) -> None:
-    loop = asyncio.get_running_loop()
-    await app.give_way()  # nobody waits: returns
-    app.note_intake_waiting()
-    started = loop.time()
-    await app.give_way()
-    assert loop.time() - started >= INTAKE_QUIET * 0.9
-
-    async def intake_keeps_waiting() -> None:
-        while True:
-            app.note_intake_waiting()
-            await asyncio.sleep(0.002)
-
-    busy = asyncio.ensure_future(intake_keeps_waiting())
-    await asyncio.sleep(0)
-    started = loop.time()
-    await app.give_way()
-    busy.cancel()
-    assert loop.time() - started >= GIVE_WAY_MOST * 0.9  # gave way as long as it may, then went
