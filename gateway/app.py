@@ -46,8 +46,8 @@ PARSE_NICE = 10
 class _Processes:
     """A process pool made on first use, and killed (to be made anew) when a job hangs.
 
-    Its processes run at a lower CPU priority (`nice`): parsing runs a batch ahead, so it can
-    wait, while composing a notice holds up the transaction it belongs to.
+    Its processes may run at a lower CPU priority (`nice`): parsing runs a batch ahead of the
+    pipeline, so it can wait while intake and the pipeline have the CPU.
     """
 
     def __init__(self, workers: int, *, nice: int = 0) -> None:

@@ -420,7 +420,9 @@ async def process_pending(app: App, *, limit: int | None = None) -> dict[str, in
     try:
         batch_rows = await _claim_and_parse(app, batch, after=0)
         while batch_rows and not app.stopping.is_set():
-            after = batch_rows[-1][0].id
+            # SQLite has no leases, so the next batch starts past this one; PostgreSQL's
+            # leases keep this batch out already, and its ids may commit out of order.
+            after = 0 if app.engine.dialect.name == "postgresql" else batch_rows[-1][0].id
             ahead = asyncio.ensure_future(_claim_and_parse(app, batch, after=after))
             await _process_batch(app, batch_rows, counts)
             if limit is not None and sum(counts.values()) >= limit:
@@ -431,6 +433,7 @@ async def process_pending(app: App, *, limit: int | None = None) -> dict[str, in
     finally:
         if ahead is not None:
             ahead.cancel()
+            await asyncio.gather(ahead, return_exceptions=True)  # its transaction closed
     return counts
 
 
