@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -179,10 +179,40 @@ async def _seen(session: AsyncSession, message_id: str) -> bool:
     return found.first() is not None
 
 
+def dkim_sender(app: App, parsed: ParsedMessage) -> str:
+    """The agent whose DKIM signature `verify_sender` may check on this mail, or ""."""
+    sender = parsed.from_addr.addr if parsed.from_addr else ""
+    if not sender or app.config.agent_for(sender) is None or "dkim" not in app.config.agents.verify:
+        return ""
+    return sender
+
+
+async def dkim_verdicts(
+    app: App, items: Sequence[tuple[RawMail, ParsedMessage]]
+) -> dict[int, bool]:
+    """DKIM for the agents' mail among `items`, by raw id. The pipeline asks before its
+    transaction: the DNS lookups must not hold SQLite's write lock while intake waits."""
+    verdicts: dict[int, bool] = {}
+    for raw, parsed in items:
+        if sender := dkim_sender(app, parsed):
+            verdicts[raw.id] = await asyncio.to_thread(
+                dkim_check, raw.data, sender, dnsfunc=app.dkim_dns
+            )
+    return verdicts
+
+
 async def verify_sender(
-    session: AsyncSession, app: App, raw: RawMail, parsed: ParsedMessage
+    session: AsyncSession,
+    app: App,
+    raw: RawMail,
+    parsed: ParsedMessage,
+    *,
+    dkim: bool | None = None,
 ) -> str:
-    """The agent's address when the sender is staff and a configured check passes, else ""."""
+    """The agent's address when the sender is staff and a configured check passes, else "".
+
+    `dkim` is the verdict `dkim_verdicts` found already; None checks here.
+    """
     config = app.config
     sender = parsed.from_addr.addr if parsed.from_addr else ""
     if not sender or config.agent_for(sender) is None or parsed.from_count != 1:
@@ -200,8 +230,10 @@ async def verify_sender(
             config, parsed, sender
         ):
             return sender
-        if check == "dkim" and await asyncio.to_thread(
-            dkim_check, raw.data, sender, dnsfunc=app.dkim_dns
+        if check == "dkim" and (
+            dkim
+            if dkim is not None
+            else await asyncio.to_thread(dkim_check, raw.data, sender, dnsfunc=app.dkim_dns)
         ):
             return sender
     return ""

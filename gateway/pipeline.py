@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -55,6 +55,7 @@ class Work:
     now: datetime
     classification: Classification | None = None
     agent: str = ""  # verified agent address, "" otherwise
+    dkim: bool | None = None  # the DKIM verdict found before the transaction, if asked
     forward: forwards.ForwardCheck | None = None
     thread: Thread | None = None
     ticket: Ticket | None = None
@@ -86,7 +87,7 @@ async def dedupe(session: AsyncSession, app: App, work: Work) -> None:
 
 
 async def classify_step(session: AsyncSession, app: App, work: Work) -> None:
-    work.agent = await agents.verify_sender(session, app, work.raw, work.parsed)
+    work.agent = await agents.verify_sender(session, app, work.raw, work.parsed, dkim=work.dkim)
     if app.config.is_staff(work.sender):
         work.forward = forwards.check_forward(app.config, work.parsed)
     work.classification = classify(
@@ -271,7 +272,9 @@ async def _run_steps(session: AsyncSession, app: App, work: Work) -> tuple[str, 
     return state, "; ".join([note, *work.notes])
 
 
-async def process_one(app: App, raw: RawMail, parsed: ParsedMessage | Exception) -> str:
+async def process_one(
+    app: App, raw: RawMail, parsed: ParsedMessage | Exception, *, dkim: bool | None = None
+) -> str:
     """Process one stored message in its own transaction; returns its new state."""
     now = app.clock()
     if isinstance(parsed, MessageRejected):
@@ -290,7 +293,7 @@ async def process_one(app: App, raw: RawMail, parsed: ParsedMessage | Exception)
         return "quarantined"
     try:
         async with app.sessions() as session, session.begin():
-            state = await _process_in(session, app, raw.id, parsed, now=now)
+            state = await _process_in(session, app, raw.id, parsed, now=now, dkim=dkim)
         return state
     except Exception as exc:
         log.exception("message %s failed in the pipeline", raw.id)
@@ -299,13 +302,20 @@ async def process_one(app: App, raw: RawMail, parsed: ParsedMessage | Exception)
 
 
 async def _process_in(
-    session: AsyncSession, app: App, raw_id: int, parsed: ParsedMessage, *, now: datetime
+    session: AsyncSession,
+    app: App,
+    raw_id: int,
+    parsed: ParsedMessage,
+    *,
+    now: datetime,
+    dkim: bool | None = None,
 ) -> str:
     # Locked for the transaction: two processes never handle the same message.
     live = await session.get(RawMail, raw_id, with_for_update=True)
     if live is None or live.state != "received":
         return live.state if live else "missing"
-    state, note = await _run_steps(session, app, Work(raw=live, parsed=parsed, now=now))
+    work = Work(raw=live, parsed=parsed, now=now, dkim=dkim)
+    state, note = await _run_steps(session, app, work)
     live.state = state
     live.processed_at = now
     live.note = note[:2000]
@@ -320,14 +330,18 @@ GROUP_SECONDS = 0.05
 
 
 async def process_group(
-    app: App, items: list[tuple[RawMail, ParsedMessage]]
+    app: App,
+    items: list[tuple[RawMail, ParsedMessage]],
+    *,
+    dkim: Mapping[int, bool] | None = None,
 ) -> tuple[dict[str, int], list[tuple[RawMail, ParsedMessage]]]:
     """Process parsed messages in order, in one transaction, for up to GROUP_SECONDS.
 
     Returns the counts and what is left. Any error rolls the whole group back and its
     messages are redone one transaction each, so one bad message costs its neighbours
-    nothing but time.
+    nothing but time. `dkim` holds the verdicts `agents.dkim_verdicts` found, by raw id.
     """
+    verdicts = dkim or {}
     counts: dict[str, int] = {}
     done: list[RawMail] = []
     loop = asyncio.get_running_loop()
@@ -337,7 +351,8 @@ async def process_group(
     try:
         async with app.sessions() as session, session.begin():
             for raw, parsed in items:
-                state = await _process_in(session, app, raw.id, parsed, now=now)
+                verdict = verdicts.get(raw.id)
+                state = await _process_in(session, app, raw.id, parsed, now=now, dkim=verdict)
                 counts[state] = counts.get(state, 0) + 1
                 done.append(raw)
                 if loop.time() - started > GROUP_SECONDS or app.intake_waiting.is_set():
@@ -348,7 +363,7 @@ async def process_group(
     except Exception:
         counts = {}
         for raw, parsed in items[: len(done) + 1]:
-            state = await process_one(app, raw, parsed)
+            state = await process_one(app, raw, parsed, dkim=verdicts.get(raw.id))
             counts[state] = counts.get(state, 0) + 1
         return counts, items[len(done) + 1 :]
     return counts, items[len(done) :]
@@ -447,8 +462,9 @@ async def _process_batch(app: App, batch_rows: Parsed, counts: dict[str, int]) -
             counts[state] = counts.get(state, 0) + 1
         else:
             ready.append((raw, result))
+    verdicts = await agents.dkim_verdicts(app, ready)  # its DNS before any transaction
     while ready and not app.stopping.is_set():
-        group_counts, ready = await process_group(app, ready)
+        group_counts, ready = await process_group(app, ready, dkim=verdicts)
         for state, count in group_counts.items():
             counts[state] = counts.get(state, 0) + count
 

@@ -9,6 +9,7 @@ import email
 import email.policy
 import math
 import random
+import sqlite3
 import uuid
 from collections.abc import Callable
 from datetime import date
@@ -585,6 +586,32 @@ async def test_dkim_aligned_signature_verifies_the_agent(app: App, backend: str)
     assert (await message_of(app, raw_id)).verified
     assert (await ticket(app, ref)).priority == "high"
     assert [d.recipient for d in await deliveries(app, "agent_reply")] == ["jane@customer.org"]
+
+
+async def test_dkim_asks_dns_while_nobody_holds_the_write_lock(app: App) -> None:
+    """A slow DNS answer must not keep SQLite's write lock from intake."""
+    ref, note = await open_ticket(app)
+    data = sign(raw_mail(headers_for(parent=note.message_id), "#priority high\n\nOn it.\n"))
+    database = app.config.database_url.partition(":///")[2]
+    lock_free: list[bool] = []
+    answer = dns_answering(DNS)
+
+    def lookup(name: bytes | str, timeout: float = 5) -> bytes:
+        probe = sqlite3.connect(database, timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            lock_free.append(True)
+        except sqlite3.OperationalError:
+            lock_free.append(False)
+        finally:
+            probe.close()
+        return answer(name, timeout)
+
+    app.dkim_dns = lookup
+    await receive(app, data, mail_from=SAM)
+    assert lock_free and all(lock_free)
+    assert (await ticket(app, ref)).priority == "high"
 
 
 def test_dkim_verifies_below_the_trace_headers_our_relay_adds(app: App) -> None:
