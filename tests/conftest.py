@@ -195,6 +195,27 @@ async def flush(app: App) -> int:
         await worker.close()
 
 
+FAILING_INSERT = {
+    "sqlite": [
+        "CREATE TRIGGER fail BEFORE INSERT ON raw_mail BEGIN SELECT RAISE(ABORT, 'injected'); END"
+    ],
+    "postgres": [
+        "CREATE FUNCTION fail() RETURNS trigger AS $$ "
+        "BEGIN RAISE EXCEPTION 'injected'; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER fail BEFORE INSERT ON raw_mail FOR EACH ROW EXECUTE FUNCTION fail()",
+    ],
+}
+
+
+async def fail_raw_inserts(app: App, backend: str) -> None:
+    """A trigger that makes every insert into raw_mail fail (`DROP TRIGGER fail` ends it)."""
+    from sqlalchemy import text
+
+    async with app.engine.begin() as conn:
+        for statement in FAILING_INSERT[backend]:
+            await conn.execute(text(statement))
+
+
 async def deliveries(app: App, kind: str | None = None) -> list[Any]:
     """The delivery log in order, optionally of one kind."""
     from sqlalchemy import select

@@ -31,7 +31,16 @@ from gateway.models import RawMail
 from gateway.outbox import OutboxWorker
 from gateway.spool import insert_raw, raw_row
 
-from conftest import Clock, deliveries, flush, load_config, mail, receive, write_config
+from conftest import (
+    Clock,
+    deliveries,
+    fail_raw_inserts,
+    flush,
+    load_config,
+    mail,
+    receive,
+    write_config,
+)
 from smtp_sink import SmtpSink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -347,24 +356,10 @@ async def stored_ids(app: App) -> list[str]:
         return list((await session.execute(select(RawMail.message_id))).scalars())
 
 
-FAILING_INSERT = {
-    "sqlite": [
-        "CREATE TRIGGER fail BEFORE INSERT ON raw_mail BEGIN SELECT RAISE(ABORT, 'injected'); END"
-    ],
-    "postgres": [
-        "CREATE FUNCTION fail() RETURNS trigger AS $$ "
-        "BEGIN RAISE EXCEPTION 'injected'; END $$ LANGUAGE plpgsql",
-        "CREATE TRIGGER fail BEFORE INSERT ON raw_mail FOR EACH ROW EXECUTE FUNCTION fail()",
-    ],
-}
-
-
 async def test_storage_failing_at_data_answers_451_to_every_session_then_recovers(
     app: App, listener: int, backend: str
 ) -> None:
-    async with app.engine.begin() as conn:
-        for statement in FAILING_INSERT[backend]:
-            await conn.execute(text(statement))
+    await fail_raw_inserts(app, backend)
     replies = await send_many(listener, 50, tag="broken")
     assert Counter(code for code, _ in replies) == {451: 50}
     assert {reply for _, reply in replies} == {REPLY_451}  # no internal detail

@@ -10,12 +10,12 @@ import subprocess
 
 import aiosmtplib
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from gateway.app import App
 from gateway.models import RawMail
 
-from conftest import mail
+from conftest import fail_raw_inserts, mail
 from services import REQUIRED
 
 
@@ -156,24 +156,10 @@ async def test_bare_cr_lf_nul_and_smuggling_are_refused(
     assert len(await stored(app)) == (1 if code == b"250" else 0)
 
 
-FAILING_INSERT = {
-    "sqlite": [
-        "CREATE TRIGGER fail BEFORE INSERT ON raw_mail BEGIN SELECT RAISE(ABORT, 'injected'); END"
-    ],
-    "postgres": [
-        "CREATE FUNCTION fail() RETURNS trigger AS $$ "
-        "BEGIN RAISE EXCEPTION 'injected'; END $$ LANGUAGE plpgsql",
-        "CREATE TRIGGER fail BEFORE INSERT ON raw_mail FOR EACH ROW EXECUTE FUNCTION fail()",
-    ],
-}
-
-
 async def test_storage_failure_answers_451_and_stores_nothing(
     app: App, listener: int, backend: str
 ) -> None:
-    async with app.engine.begin() as conn:
-        for statement in FAILING_INSERT[backend]:
-            await conn.execute(text(statement))
+    await fail_raw_inserts(app, backend)
 
     def send() -> tuple[int, bytes]:
         with smtp_sync(listener) as client:
