@@ -73,9 +73,8 @@ def make_engine(
 
 
 def is_lock_error(exc: BaseException) -> bool:
-    """SQLite's "database is locked"/"busy": worth a retry, not a failure."""
-    text = str(getattr(exc, "orig", exc)).lower()
-    return "database is locked" in text or "database is busy" in text
+    """SQLite's "database is locked"/"busy", also behind SQLAlchemy's wrapper."""
+    return sqlite_inline.is_busy(getattr(exc, "orig", exc))
 
 
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

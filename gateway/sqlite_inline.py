@@ -26,7 +26,8 @@ RETRY_SECONDS = 0.002
 RETRY_MAX_SECONDS = 0.02
 
 
-def _busy(exc: sqlite3.OperationalError) -> bool:
+def is_busy(exc: BaseException) -> bool:
+    """SQLite's "database is locked"/"busy": worth a retry, not a failure."""
     text = str(exc).lower()
     return "database is locked" in text or "database is busy" in text
 
@@ -131,7 +132,7 @@ class Connection:
             try:
                 return function(*args)
             except sqlite3.OperationalError as exc:
-                if not _busy(exc) or loop.time() >= deadline:
+                if not is_busy(exc) or loop.time() >= deadline:
                     raise
             await asyncio.sleep(pause)
             pause = min(pause * 2, RETRY_MAX_SECONDS)
