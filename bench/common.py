@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -268,3 +269,20 @@ def connect_ro(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
     conn.execute("PRAGMA busy_timeout=60000")
     return conn
+
+
+def unmoved(db: Path) -> int:
+    """Mail committed to the intake file beside `db` (gateway/intake.py) and not yet moved to
+    raw_mail."""
+    side = db.with_name(db.name + "-intake")
+    if not side.exists():
+        return 0
+    with contextlib.closing(connect_ro(side)) as conn:
+        epoch = conn.execute("SELECT epoch FROM intake_epoch").fetchone()
+        rows = conn.execute("SELECT id FROM raw_mail").fetchall()
+    with contextlib.closing(connect_ro(db)) as conn:
+        found = conn.execute(
+            "SELECT last_id FROM intake_mark WHERE epoch = ?", (epoch[0] if epoch else "",)
+        ).fetchone()
+    mark = found[0] if found else 0
+    return sum(1 for (raw_id,) in rows if raw_id > mark)

@@ -48,6 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import unmoved
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "gateway" / "config.example.toml"
 SECRET = "crash-secret-" + "c" * 40
@@ -334,7 +337,7 @@ def pending(db: Path) -> tuple[int, int]:
         outbox = conn.execute(
             "SELECT count(*) FROM delivery WHERE status IN ('queued','deferred')"
         ).fetchone()
-    return int(backlog[0]), int(outbox[0])
+    return int(backlog[0]) + unmoved(db), int(outbox[0])
 
 
 def release_stale_claims(db: Path) -> tuple[int, int]:

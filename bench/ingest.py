@@ -37,6 +37,7 @@ from common import (
     free_port,
     pct,
     sqlite_time,
+    unmoved,
     upgrade,
     verdict,
     write_config,
@@ -63,8 +64,9 @@ def describe(name: str, result: ClientResult) -> str:
 
 
 def stored_rows(db: Path) -> int:
+    """Every message stored: in raw_mail, or still in the intake file beside it."""
     with connect_ro(db) as conn:
-        return int(conn.execute("SELECT count(*) FROM raw_mail").fetchone()[0])
+        return int(conn.execute("SELECT count(*) FROM raw_mail").fetchone()[0]) + unmoved(db)
 
 
 def states(db: Path) -> dict[str, int]:

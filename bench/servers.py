@@ -60,7 +60,7 @@ async def spool(config_path: Path) -> None:
     config = load(config_path)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     app = build_app(config, parse_workers=0)
-    store = Spool(app.sessions, clock=app.clock)
+    store = Spool(app.intake, clock=app.clock)
     writer = asyncio.create_task(store.run())
     servers = await start_listeners(config, Handler(config, store))
     print("ready", flush=True)

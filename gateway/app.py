@@ -16,6 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.config import Config
 from gateway.db import make_engine, sessionmaker
+from gateway.intake import intake_url
+from gateway.intake import setup as intake_setup
 from parsing.mime import Limits, MessageRejected, parse_message
 from parsing.model import ParsedMessage
 from responders.render import Renderer
@@ -138,6 +140,11 @@ class App:
     intake_engine: AsyncEngine
     intake: async_sessionmaker[AsyncSession]  # the spool's: retries a busy lock itself
     readers: async_sessionmaker[AsyncSession]  # listings and views: never hold the write lock
+    # On SQLite the spool writes a file of its own (gateway/intake.py); else these are the
+    # main database's, and `intake_file` is False.
+    intake_reader_engine: AsyncEngine
+    intake_readers: async_sessionmaker[AsyncSession]
+    intake_file: bool
     renderer: Renderer
     parser: Parser
     clock: Callable[[], datetime] = utcnow
@@ -173,6 +180,8 @@ class App:
         await self.engine.dispose()
         await self.reader_engine.dispose()
         await self.intake_engine.dispose()
+        if self.intake_file:
+            await self.intake_reader_engine.dispose()
 
 
 def build_app(
@@ -180,7 +189,13 @@ def build_app(
 ) -> App:
     engine = make_engine(config.database_url, inline=True)
     reader = make_engine(config.database_url, reader=True)
-    intake = make_engine(config.database_url, wait_for_lock=False)
+    side_file = intake_url(config.database_url)
+    if side_file:
+        intake = make_engine(side_file, wait_for_lock=False, inline=True, setup=intake_setup)
+        intake_reader = make_engine(side_file, reader=True, setup=intake_setup)
+    else:
+        intake = make_engine(config.database_url, wait_for_lock=False)
+        intake_reader = reader
     templates = (
         config.base_dir / config.gateway.templates_dir if config.gateway.templates_dir else None
     )
@@ -198,6 +213,9 @@ def build_app(
         intake_engine=intake,
         intake=sessionmaker(intake),
         readers=sessionmaker(reader),
+        intake_reader_engine=intake_reader,
+        intake_readers=sessionmaker(intake_reader),
+        intake_file=side_file is not None,
         renderer=Renderer(templates),
         parser=Parser(
             workers=workers, timeout=config.pipeline.parse_timeout_seconds, limits=limits

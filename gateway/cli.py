@@ -143,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     """The MTA pipe: 0 stored, 75 try again later, 65 refused (reason on stderr)."""
     from gateway.smtp_server import check_content
-    from gateway.spool import insert_raw, raw_row
+    from gateway.spool import raw_row, store_rows
 
     try:
         config = _load(args)
@@ -173,11 +173,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             sender = parsed[0].addr if parsed else ""
 
     async def body(app: App) -> int:
-        async with app.sessions() as session, session.begin():
-            row = raw_row(
-                data, mail_from=sender, rcpt_tos=[recipient], source="pipe", now=app.clock()
-            )
-            (raw_id,) = await insert_raw(session, [row])
+        row = raw_row(data, mail_from=sender, rcpt_tos=[recipient], source="pipe", now=app.clock())
+        (raw_id,) = await store_rows(app.intake, [row])
         print(f"stored as {raw_id}", file=sys.stderr)
         return EX_OK
 
@@ -556,6 +553,7 @@ def cmd_suppressions_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from gateway.intake import waiting
     from gateway.models import Delivery, RawMail
 
     async def body(app: App) -> int:
@@ -566,7 +564,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 return int(await session.scalar(select(func.count()).where(*where)) or 0)
 
             report: dict[str, Any] = {
-                "backlog": await count(RawMail.state == "received"),
+                "backlog": await count(RawMail.state == "received") + await waiting(app),
                 "quarantined": await count(RawMail.state == "quarantined"),
                 "outbox_queued": await count(Delivery.status.in_(("queued", "deferred"))),
                 "deliveries_failed_24h": await count(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -24,7 +24,12 @@ def is_sqlite(url: str) -> bool:
 
 
 def make_engine(
-    url: str, *, reader: bool = False, wait_for_lock: bool = True, inline: bool = False
+    url: str,
+    *,
+    reader: bool = False,
+    wait_for_lock: bool = True,
+    inline: bool = False,
+    setup: Callable[[Any], None] | None = None,
 ) -> AsyncEngine:
     """An engine with SQLite in WAL mode and synchronous=FULL, so a commit survives power loss.
 
@@ -34,6 +39,7 @@ def make_engine(
     handler sleeps up to 100 ms a try and loses the lock to a busy writer again and again.
     An `inline` engine runs statements on the event loop's thread (`sqlite_inline`): for the
     many short statements of the pipeline; a commit's fsync then holds the loop too.
+    `setup` runs on each new SQLite connection's cursor first (a file without migrations).
     """
     if is_sqlite(url):
         path = url.partition(":///")[2].split("?")[0]
@@ -57,6 +63,8 @@ def make_engine(
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+            if setup is not None:
+                setup(cursor)
             if reader:
                 cursor.execute("PRAGMA query_only=ON")
             cursor.close()

@@ -30,7 +30,8 @@ from sqlalchemy import select
 
 from gateway.app import App
 from gateway.config import ConfigError, ImapAccount, read_secret
-from gateway.models import ImapCursor, RawMail
+from gateway.intake import stored_hashes
+from gateway.models import ImapCursor
 from gateway.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -503,17 +504,7 @@ class ImapPoller:
         if not messages:
             return 0
         hashes = {uid: hashlib.sha256(data).hexdigest() for uid, data in messages.items()}
-        async with self.app.readers() as db:
-            known = set(
-                (
-                    await db.execute(
-                        select(RawMail.sha256).where(
-                            RawMail.source == self.source,
-                            RawMail.sha256.in_(set(hashes.values())),
-                        )
-                    )
-                ).scalars()
-            )
+        known = await stored_hashes(self.app, source=self.source, hashes=set(hashes.values()))
         fresh: dict[str, bytes] = {}
         for uid in sorted(messages):
             if hashes[uid] not in known:

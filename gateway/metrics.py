@@ -12,6 +12,7 @@ import logging
 from sqlalchemy import ColumnElement, Float, case, cast, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway import intake
 from gateway.app import App
 from gateway.models import Delivery, RawMail
 
@@ -58,6 +59,8 @@ async def render_metrics(app: App, *, listeners_up: bool) -> str:
         raw: dict[str, int] = {k: v for k, v in (await session.execute(states)).all()}
         statuses = select(Delivery.status, func.count()).group_by(Delivery.status)
         out: dict[str, int] = {k: v for k, v in (await session.execute(statuses)).all()}
+    unmoved = await intake.waiting(app)  # stored, not yet in raw_mail
+    raw["received"] = raw.get("received", 0) + unmoved
     received = sum(raw.values())
     lines = [
         "# TYPE supportgate_received_total counter",

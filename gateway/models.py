@@ -293,3 +293,11 @@ class ImapCursor(Base):
     last_poll_at: Mapped[datetime | None]
     last_error: Mapped[str] = mapped_column(Text, default="")
     last_error_at: Mapped[datetime | None]
+
+
+class IntakeMark(Base):
+    """How far mail of one intake file has been moved to raw_mail (gateway/intake.py)."""
+
+    __tablename__ = "intake_mark"
+    epoch: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_id: Mapped[int] = mapped_column(BigInteger, default=0)

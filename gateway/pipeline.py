@@ -22,6 +22,7 @@ from gateway import agents, bounces, forwards, timers
 from gateway.app import App
 from gateway.classify import Classification, classify
 from gateway.correlate import Thread, find_duplicate, find_thread
+from gateway.intake import move_received
 from gateway.models import Message, RawMail, Ticket
 from gateway.notices import Reply, send_notice
 from gateway.tickets import (
@@ -433,17 +434,20 @@ async def process_pending(app: App, *, limit: int | None = None) -> dict[str, in
     batch = app.config.pipeline.batch
     ahead: asyncio.Task[Parsed] | None = None
     try:
+        await move_received(app)
         batch_rows = await _claim_and_parse(app, batch, after=0)
         while batch_rows and not app.stopping.is_set():
             # SQLite has no leases, so the next batch starts past this one; PostgreSQL's
             # leases keep this batch out already, and its ids may commit out of order.
             after = 0 if app.engine.dialect.name == "postgresql" else batch_rows[-1][0].id
+            await move_received(app)  # before the batch's transactions, not beside them
             ahead = asyncio.ensure_future(_claim_and_parse(app, batch, after=after))
             await _process_batch(app, batch_rows, counts)
             if limit is not None and sum(counts.values()) >= limit:
                 return counts
             batch_rows, ahead = await ahead, None
             if not batch_rows:  # mail that came in behind the last one claimed
+                await move_received(app)
                 batch_rows = await _claim_and_parse(app, batch, after=0)
     finally:
         if ahead is not None:

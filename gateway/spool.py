@@ -67,6 +67,27 @@ async def insert_raw(session: AsyncSession, rows: list[dict[str, object]]) -> li
     return list(result.scalars())
 
 
+async def store_rows(
+    factory: async_sessionmaker[AsyncSession],
+    rows: list[dict[str, object]],
+    *,
+    on_busy: Callable[[], None] | None = None,
+) -> list[int]:
+    """Insert and commit, retrying a busy SQLite lock every few ms for up to LOCK_WAIT s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LOCK_WAIT
+    while True:
+        try:
+            async with factory() as session, session.begin():
+                return await insert_raw(session, rows)
+        except OperationalError as exc:
+            if not is_lock_error(exc) or loop.time() > deadline:
+                raise
+            if on_busy is not None:
+                on_busy()
+        await asyncio.sleep(0.002)
+
+
 class Spool:
     """Group-commit writer for received mail."""
 
@@ -126,24 +147,9 @@ class Spool:
             if self._queue.empty():
                 self._idle.set()
 
-    async def _insert(self, rows: list[dict[str, object]]) -> list[int]:
-        """Insert and commit, retrying a busy SQLite lock every few ms for up to LOCK_WAIT s."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + LOCK_WAIT
-        while True:
-            try:
-                async with self._factory() as session, session.begin():
-                    return await insert_raw(session, rows)
-            except OperationalError as exc:
-                if not is_lock_error(exc) or loop.time() > deadline:
-                    raise
-                if self._on_busy is not None:
-                    self._on_busy()
-            await asyncio.sleep(0.002)
-
     async def _commit_batch(self, batch: list[_Pending]) -> None:
         try:
-            ids = await self._insert([p.row for p in batch])
+            ids = await store_rows(self._factory, [p.row for p in batch], on_busy=self._on_busy)
         except asyncio.CancelledError:
             for pending in batch:
                 if not pending.done.done():

@@ -127,7 +127,7 @@ async def listener(app: App) -> AsyncIterator[int]:
     from gateway.smtp_server import Handler, start_listeners
     from gateway.spool import Spool
 
-    spool = Spool(app.sessions, clock=app.clock)
+    spool = Spool(app.intake, clock=app.clock)
     writer = asyncio.create_task(spool.run())
     servers = await start_listeners(app.config, Handler(app.config, spool))
     yield int(servers[0].sockets[0].getsockname()[1])
@@ -208,12 +208,34 @@ FAILING_INSERT = {
 
 
 async def fail_raw_inserts(app: App, backend: str) -> None:
-    """A trigger that makes every insert into raw_mail fail (`DROP TRIGGER fail` ends it)."""
+    """A trigger that makes every insert of received mail fail, until `heal_raw_inserts`."""
     from sqlalchemy import text
 
-    async with app.engine.begin() as conn:
+    async with app.intake_engine.begin() as conn:
         for statement in FAILING_INSERT[backend]:
             await conn.execute(text(statement))
+
+
+async def heal_raw_inserts(app: App, backend: str) -> None:
+    from sqlalchemy import text
+
+    async with app.intake_engine.begin() as conn:
+        await conn.execute(
+            text("DROP TRIGGER fail" + (" ON raw_mail" if backend != "sqlite" else ""))
+        )
+
+
+async def stored_raw(app: App) -> list[Any]:
+    """All received mail in id order, once what waits in the intake file is moved."""
+    from sqlalchemy import select
+
+    from gateway.intake import move_received
+    from gateway.models import RawMail
+
+    while await move_received(app):
+        pass
+    async with app.sessions() as session:
+        return list((await session.execute(select(RawMail).order_by(RawMail.id))).scalars())
 
 
 async def deliveries(app: App, kind: str | None = None) -> list[Any]:

@@ -33,7 +33,16 @@ from parsing.mime import Limits, MessageRejected, parse_message, safe_filename
 from responders.compose import is_safe_address
 from responders.render import SAMPLE_CONTEXT, Renderer, RenderError
 
-from conftest import SECRET, Clock, deliveries, load_config, mail, receive, write_config
+from conftest import (
+    SECRET,
+    Clock,
+    deliveries,
+    load_config,
+    mail,
+    receive,
+    stored_raw,
+    write_config,
+)
 
 HOSTILE = Path(__file__).parent / "fixtures" / "hostile"
 DONE = ("processed", "duplicate", "quarantined")
@@ -94,8 +103,7 @@ def adjacent_encoded_words(count: int) -> bytes:
 
 
 async def raw_rows(app: App) -> list[RawMail]:
-    async with app.sessions() as session:
-        return list((await session.execute(select(RawMail).order_by(RawMail.id))).scalars())
+    return await stored_raw(app)
 
 
 async def raw_row(app: App, raw_id: int) -> RawMail:

@@ -86,7 +86,8 @@ async def test_the_spool_says_when_it_waits_for_the_write_lock(app: App) -> None
     spool = Spool(app.intake, clock=app.clock, on_busy=lambda: told.append(1))
     writer = asyncio.ensure_future(spool.run())
     try:
-        async with app.sessions() as session, session.begin():  # holds the write lock
+        # Holds the lock the spool writes under (the intake file's, on SQLite).
+        async with app.intake() as session, session.begin():
             await session.execute(select(RawMail.id).limit(1))
             storing = asyncio.ensure_future(
                 spool.store(

@@ -23,11 +23,10 @@ from typing import Any
 
 import aiosmtplib
 import pytest
-from sqlalchemy import event, func, select, text
+from sqlalchemy import event
 
 from gateway import db, pipeline
 from gateway.app import App, build_app
-from gateway.models import RawMail
 from gateway.outbox import OutboxWorker
 from gateway.spool import insert_raw, raw_row
 
@@ -36,9 +35,11 @@ from conftest import (
     deliveries,
     fail_raw_inserts,
     flush,
+    heal_raw_inserts,
     load_config,
     mail,
     receive,
+    stored_raw,
     write_config,
 )
 from smtp_sink import SmtpSink
@@ -352,8 +353,7 @@ async def send_many(port: int, count: int, *, tag: str, size: int = 0) -> list[t
 
 
 async def stored_ids(app: App) -> list[str]:
-    async with app.sessions() as session:
-        return list((await session.execute(select(RawMail.message_id))).scalars())
+    return [row.message_id for row in await stored_raw(app)]
 
 
 async def test_storage_failing_at_data_answers_451_to_every_session_then_recovers(
@@ -365,10 +365,7 @@ async def test_storage_failing_at_data_answers_451_to_every_session_then_recover
     assert {reply for _, reply in replies} == {REPLY_451}  # no internal detail
     assert await stored_ids(app) == []
 
-    async with app.engine.begin() as conn:
-        await conn.execute(
-            text("DROP TRIGGER fail" + (" ON raw_mail" if backend != "sqlite" else ""))
-        )
+    await heal_raw_inserts(app, backend)
     replies = await send_many(listener, 50, tag="healed")
     assert Counter(code for code, _ in replies) == {250: 50}
     assert sorted(await stored_ids(app)) == sorted(f"healed{n}@customer.org" for n in range(50))
@@ -378,7 +375,7 @@ def page_limit(app: App) -> Callable[[bool], None]:
     """Make the SQLite file "full" (SQLITE_FULL on growth) or not, on every pooled connection."""
     full = [False]
 
-    @event.listens_for(app.engine.sync_engine, "checkout")
+    @event.listens_for(app.intake_engine.sync_engine, "checkout")
     def _limit(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
         cursor = dbapi_conn.cursor()
         # 1 means "no bigger than now"; the other is SQLite's maximum.
@@ -408,8 +405,7 @@ async def test_a_full_disk_answers_451_then_mail_is_accepted_when_space_returns(
 async def test_a_locked_database_delays_the_250_until_the_mail_is_stored(
     app: App, listener: int
 ) -> None:
-    path = app.config.database_url.partition(":///")[2]
-    locker = sqlite3.connect(path, isolation_level=None)
+    locker = sqlite3.connect(str(app.intake_engine.url.database), isolation_level=None)
     try:
         locker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
         sending = asyncio.ensure_future(send_many(listener, 20, tag="locked"))
@@ -420,5 +416,4 @@ async def test_a_locked_database_delays_the_250_until_the_mail_is_stored(
     finally:
         locker.close()
     assert Counter(code for code, _ in replies) == {250: 20}
-    async with app.sessions() as session:
-        assert await session.scalar(select(func.count(RawMail.id))) == 20
+    assert len(await stored_raw(app)) == 20

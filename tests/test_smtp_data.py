@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from sqlalchemy import select
 
 from gateway.app import App
-from gateway.models import RawMail
 from gateway.smtp_server import GatewaySMTP, Handler, start_listeners
 from gateway.spool import Spool
+
+from conftest import stored_raw
 
 ENVELOPE = [b"MAIL FROM:<jane@customer.org>", b"RCPT TO:<support@example.com>", b"DATA"]
 SMALL_LIMIT = 65536
@@ -72,8 +72,7 @@ class Client:
 
 
 async def stored(app: App) -> list[bytes]:
-    async with app.sessions() as session:
-        return list((await session.execute(select(RawMail.data).order_by(RawMail.id))).scalars())
+    return [row.data for row in await stored_raw(app)]
 
 
 @pytest.fixture
@@ -83,7 +82,7 @@ async def small_listener(app: App) -> AsyncIterator[int]:
         app.config.smtp, max_message_bytes=SMALL_LIMIT, listen=["127.0.0.1:0"]
     )
     config = dataclasses.replace(app.config, smtp=smtp)
-    spool = Spool(app.sessions, clock=app.clock)
+    spool = Spool(app.intake, clock=app.clock)
     writer = asyncio.create_task(spool.run())
     servers = await start_listeners(config, Handler(config, spool))
     yield int(servers[0].sockets[0].getsockname()[1])

@@ -10,18 +10,17 @@ import subprocess
 
 import aiosmtplib
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from gateway.app import App
 from gateway.models import RawMail
 
-from conftest import fail_raw_inserts, mail
+from conftest import fail_raw_inserts, mail, stored_raw
 from services import REQUIRED
 
 
 async def stored(app: App) -> list[RawMail]:
-    async with app.sessions() as session:
-        return list((await session.execute(select(RawMail).order_by(RawMail.id))).scalars())
+    return await stored_raw(app)
 
 
 def smtp_sync(port: int) -> smtplib.SMTP:
@@ -172,8 +171,7 @@ async def test_storage_failure_answers_451_and_stores_nothing(
     code, reply = await asyncio.to_thread(send)
     assert code == 451
     assert reply == b"4.3.0 Requested action aborted: local error in processing"
-    async with app.sessions() as session:
-        assert await session.scalar(select(func.count(RawMail.id))) == 0
+    assert await stored(app) == []
 
 
 async def test_concurrent_sessions_share_group_commits(app: App, listener: int) -> None:
