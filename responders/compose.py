@@ -106,6 +106,25 @@ def _settle(text: str, limit: int) -> str:
     return one_line(text.replace("=?", "= ?"), limit=limit)
 
 
+_PLAIN = re.compile(r"[!-~]+(?: [!-~]+)*")  # printable ASCII words, one space between
+_FOLD_AT = 78  # the policy folds lines longer than this
+
+
+def _put(msg: EmailMessage, name: str, value: str | HeaderAddress | list[HeaderAddress]) -> None:
+    """Set a header. A short value of plain ASCII words with no encoded word is written as it
+    is: the line the policy would fold it to anyway, without parsing it into a tree and
+    folding that back (that was over a third of composing). The rest goes through the policy."""
+    text = value if isinstance(value, str) else ", ".join(map(str, _listed(value)))
+    if len(name) + 2 + len(text) <= _FOLD_AT and "=?" not in text and _PLAIN.fullmatch(text):
+        msg.set_raw(name, text)
+    else:
+        msg[name] = value
+
+
+def _listed(value: HeaderAddress | list[HeaderAddress]) -> list[HeaderAddress]:
+    return value if isinstance(value, list) else [value]
+
+
 def is_safe_address(spec: str) -> bool:
     """Whether `compose` can write this address into a header."""
     return bool(_ADDR.fullmatch(spec)) and spec.isascii()
@@ -169,29 +188,29 @@ def compose(
     refs = _references(references, parent)
 
     msg = EmailMessage(policy=SMTP_POLICY)
-    msg["From"] = _address(from_addr)
-    msg["To"] = [_address(a) for a in to]
+    _put(msg, "From", _address(from_addr))
+    _put(msg, "To", [_address(a) for a in to])
     if cc:
-        msg["Cc"] = [_address(a) for a in cc]
+        _put(msg, "Cc", [_address(a) for a in cc])
     if reply_to is not None:
-        msg["Reply-To"] = _address(reply_to)
-    msg["Subject"] = _settle(notice.subject, TEXT_LIMIT)
-    msg["Date"] = format_datetime(when)
+        _put(msg, "Reply-To", _address(reply_to))
+    _put(msg, "Subject", _settle(notice.subject, TEXT_LIMIT))
+    _put(msg, "Date", format_datetime(when))
     msg.set_raw("Message-ID", f"<{own_id}>")
     if parent:
         msg.set_raw("In-Reply-To", f"<{parent}>")
     if refs:
         msg.set_raw("References", "\r\n ".join(f"<{i}>" for i in refs))
     if auto_submitted:
-        msg["Auto-Submitted"] = _settle(auto_submitted, VALUE_LIMIT)
-    msg["X-Auto-Response-Suppress"] = "All"
+        _put(msg, "Auto-Submitted", _settle(auto_submitted, VALUE_LIMIT))
+    _put(msg, "X-Auto-Response-Suppress", "All")
     if thread_topic:
-        msg["Thread-Topic"] = _settle(thread_topic, TEXT_LIMIT)
-    msg["Thread-Index"] = thread_index(seed=refs[0] if refs else own_id, date=when)
+        _put(msg, "Thread-Topic", _settle(thread_topic, TEXT_LIMIT))
+    _put(msg, "Thread-Index", thread_index(seed=refs[0] if refs else own_id, date=when))
     for name, value in extra_headers:
         if not _HEADER_NAME.fullmatch(name) or name.lower() in _OURS:
             raise ValueError(f"extra header not allowed: {name!r}")
-        msg[name] = _settle(value, VALUE_LIMIT)
+        _put(msg, name, _settle(value, VALUE_LIMIT))
 
     msg.set_content(notice.text)
     if notice.html is not None:

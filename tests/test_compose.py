@@ -322,3 +322,69 @@ def test_reply_token_rejects_tampering() -> None:
     assert verify_reply_token(spliced, secret=SECRET) is None
     for bad in ("", "!!!", token[:-1], token + "a", "a" * 80):
         assert verify_reply_token(bad, secret=SECRET) is None
+
+
+# -- the short-header shortcut writes what the policy would ---------------------------------------
+
+_SPECIALS = ' "(),.:;<>@[\\]=?_-!#'
+
+
+def _random_text(rng: Any, longest: int) -> str:
+    alphabet = "abcxyzABC019" + _SPECIALS
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, longest)))
+
+
+def _header_bytes(set_header: Any) -> tuple[bytes, bool]:
+    """The message's bytes, and whether its header was stored as written (not parsed)."""
+    from responders.compose import SMTP_POLICY
+
+    msg = EmailMessage(policy=SMTP_POLICY)
+    set_header(msg)
+    (stored,) = [value for _name, value in msg._headers]
+    return msg.as_bytes(policy=SMTP_POLICY), not hasattr(stored, "fold")
+
+
+def test_short_plain_headers_written_raw_match_the_policys_folding() -> None:
+    """Seeded random values, plain and not, short and long: `_put` gives the policy's bytes."""
+    import random
+    from email.headerregistry import Address as HeaderAddress
+    from email.utils import format_datetime
+
+    from responders.compose import TEXT_LIMIT, _put, _settle
+
+    rng = random.Random(20261122)
+    shortcut = 0
+    for n in range(6000):
+        kind = n % 4
+        value: Any
+        if kind == 0:
+            name = rng.choice(["Subject", "Thread-Topic", "Auto-Submitted", "X-Custom"])
+            value = _settle(_random_text(rng, 90), TEXT_LIMIT)
+        elif kind == 1:
+            name = "Date"
+            moment = WHEN + timedelta(seconds=rng.randint(-(10**9), 10**9))
+            value = format_datetime(
+                moment.astimezone(timezone(timedelta(minutes=rng.choice([-300, 0, 330]))))
+            )
+        else:
+            name = rng.choice(["From", "To", "Cc", "Reply-To"])
+            people = [
+                HeaderAddress(
+                    display_name=_settle(_random_text(rng, 30), TEXT_LIMIT),
+                    addr_spec=f"{rng.choice(['ada', 'a.b', 'x+t_1'])}@example.com",
+                )
+                for _ in range(rng.choice([1, 1, 2]))
+            ]
+            value = people[0] if kind == 2 else people
+
+        def by_policy(msg: EmailMessage) -> None:
+            msg[name] = value  # noqa: B023 - called at once
+
+        def by_put(msg: EmailMessage) -> None:
+            _put(msg, name, value)  # noqa: B023 - called at once
+
+        (expected, policy_raw), (got, raw) = _header_bytes(by_policy), _header_bytes(by_put)
+        assert got == expected, (name, value)
+        assert not policy_raw
+        shortcut += raw
+    assert 2000 < shortcut < 5500  # both paths were taken, often
