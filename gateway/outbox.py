@@ -174,6 +174,9 @@ def backoff(attempts: int, *, base: float) -> timedelta:
     return timedelta(seconds=delay * random.uniform(0.8, 1.2))
 
 
+_Result = tuple[Delivery, SendResult | str]
+
+
 class OutboxWorker:
     """Delivers what is due; a row is claimed for a while so two workers never send it twice."""
 
@@ -238,49 +241,60 @@ class OutboxWorker:
             mail_from=row.mail_from, recipients=[row.recipient], data=row.data
         )
 
-    async def _record(self, row: Delivery, result: SendResult | str) -> None:
+    async def _record(self, results: list[tuple[Delivery, SendResult | str]]) -> None:
+        """Record attempts in one transaction: results that finish together share a commit."""
         now = self.app.clock()
         async with self.app.sessions() as session, session.begin():
-            live = await session.get(Delivery, row.id)
-            if live is None:
-                return
-            live.attempts += 1
-            live.claimed_until = None
-            if isinstance(result, str):
-                outcome, code, reply = "sent", 250, result
-            else:
-                (first,) = result.per_recipient
-                outcome, code, reply = first.outcome, first.code, first.reply
-            session.add(
-                DeliveryAttempt(
-                    delivery_id=live.id, at=now, outcome=outcome, code=code, reply=reply[:2000]
-                )
+            ids = [row.id for row, _ in results]
+            query = select(Delivery).where(Delivery.id.in_(ids))
+            live_rows = {d.id: d for d in (await session.execute(query)).scalars()}
+            for row, result in results:
+                live = live_rows.get(row.id)
+                if live is not None:
+                    self._apply(session, live, result, now=now)
+        for row, result in results:
+            outcome = "sent" if isinstance(result, str) else result.per_recipient[0].outcome
+            log.info("delivery %s to %s: %s", row.id, row.kind, outcome)
+
+    def _apply(
+        self, session: AsyncSession, live: Delivery, result: SendResult | str, *, now: datetime
+    ) -> None:
+        live.attempts += 1
+        live.claimed_until = None
+        if isinstance(result, str):
+            outcome, code, reply = "sent", 250, result
+        else:
+            (first,) = result.per_recipient
+            outcome, code, reply = first.outcome, first.code, first.reply
+        session.add(
+            DeliveryAttempt(
+                delivery_id=live.id, at=now, outcome=outcome, code=code, reply=reply[:2000]
             )
-            if outcome == "sent":
-                live.status = "sent"
-                live.sent_at = now
-                live.next_attempt_at = None
-                live.last_error = ""
-            elif outcome == "permanent":
+        )
+        if outcome == "sent":
+            live.status = "sent"
+            live.sent_at = now
+            live.next_attempt_at = None
+            live.last_error = ""
+        elif outcome == "permanent":
+            live.status = "failed"
+            live.next_attempt_at = None
+            live.last_error = f"{code} {reply}"[:2000]
+        else:
+            live.last_error = f"{code} {reply}".strip()[:2000]
+            retry_at = now + backoff(
+                live.attempts, base=self.app.config.outbound.retry_base_seconds
+            )
+            if retry_at > live.deadline_at:
                 live.status = "failed"
                 live.next_attempt_at = None
-                live.last_error = f"{code} {reply}"[:2000]
+                live.last_error = f"gave up after {live.attempts} attempts: {live.last_error}"
             else:
-                live.last_error = f"{code} {reply}".strip()[:2000]
-                retry_at = now + backoff(
-                    live.attempts, base=self.app.config.outbound.retry_base_seconds
-                )
-                if retry_at > live.deadline_at:
-                    live.status = "failed"
-                    live.next_attempt_at = None
-                    live.last_error = f"gave up after {live.attempts} attempts: {live.last_error}"
-                else:
-                    live.status = "deferred"
-                    live.next_attempt_at = retry_at
-        log.info("delivery %s to %s: %s", row.id, row.kind, outcome)
+                live.status = "deferred"
+                live.next_attempt_at = retry_at
 
-    async def _deliver(self, row: Delivery) -> None:
-        """Send one row and record it at once: a stop re-sends only what was in flight."""
+    async def _deliver(self, row: Delivery, done: asyncio.Queue[_Result]) -> None:
+        """Send one row and hand its result to the recorder at once."""
         result: SendResult | str
         try:
             result = await self._send(row)
@@ -293,7 +307,25 @@ class OutboxWorker:
                 reply=f"internal error: {type(exc).__name__}",
             )
             result = SendResult(per_recipient=(failure,))
-        await self._record(row, result)
+        done.put_nowait((row, result))
+
+    async def _recorder(self, done: asyncio.Queue[_Result], expected: int) -> None:
+        """Record results as they come, all that wait in one commit (a group commit): a stop
+        re-sends only what was in flight or waiting for that commit. A group that fails is
+        recorded one by one, so one bad row never costs its neighbours their record."""
+        recorded = 0
+        while recorded < expected:
+            group = [await done.get()]
+            while not done.empty():
+                group.append(done.get_nowait())
+            recorded += len(group)
+            try:
+                await self._record(group)
+            except Exception:
+                if len(group) == 1:
+                    raise
+                for one in group:
+                    await self._record([one])
 
     async def flush(self, *, limit: int = 200) -> int:
         """Deliver everything due now; returns how many attempts were made."""
@@ -306,7 +338,14 @@ class OutboxWorker:
             rows = await self._claim(limit)
             if not rows:
                 return total
-            await asyncio.gather(*(self._deliver(row) for row in rows))
+            done: asyncio.Queue[_Result] = asyncio.Queue()
+            recorder = asyncio.ensure_future(self._recorder(done, len(rows)))
+            try:
+                await asyncio.gather(*(self._deliver(row, done) for row in rows))
+            except BaseException:
+                recorder.cancel()  # what it never recorded is sent again when its claim lapses
+                raise
+            await recorder
             total += len(rows)
         return total
 
