@@ -322,10 +322,12 @@ class OutboxWorker:
             try:
                 await self._record(group)
             except Exception:
-                if len(group) == 1:
-                    raise
                 for one in group:
-                    await self._record([one])
+                    try:
+                        await self._record([one])
+                    except Exception:
+                        # Unrecorded, its claim lapses and it is sent again, as after a crash.
+                        log.exception("recording delivery %s failed", one[0].id)
 
     async def flush(self, *, limit: int = 200) -> int:
         """Deliver everything due now; returns how many attempts were made."""

@@ -197,3 +197,32 @@ async def test_two_workers_never_send_the_same_delivery(
     ids = [parse(m.data)["Message-ID"] + m.rcpt_tos[0] for m in smtp_sink.messages]
     assert len(ids) == len(set(ids)) == 30
     assert {r.status for r in await deliveries(app)} == {"sent"}
+
+
+async def test_a_delivery_whose_record_fails_costs_its_neighbours_nothing(
+    app: App, smtp_sink: SmtpSink
+) -> None:
+    """Results are recorded in groups; a group that fails is recorded one by one, and the one
+    that cannot be recorded keeps its claim, to be sent again when it lapses (as after a crash)."""
+    from sqlalchemy import text
+
+    for n in range(3):
+        await receive(app, mail(message_id=f"group{n}@customer.org"))
+    rows = await deliveries(app)
+    assert len(rows) == 6
+    bad = rows[2].id
+    async with app.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "CREATE TRIGGER fail BEFORE INSERT ON delivery_attempt "
+                f"WHEN NEW.delivery_id = {bad} BEGIN SELECT RAISE(ABORT, 'injected'); END"
+            )
+        )
+    assert await flush(app) == 6
+    after = {row.id: row for row in await deliveries(app)}
+    assert after.pop(bad).status == "queued"
+    assert {row.status for row in after.values()} == {"sent"}
+    assert len(smtp_sink.messages) == 6
+    async with app.sessions() as session:
+        attempts = (await session.execute(select(DeliveryAttempt))).scalars().all()
+    assert sorted(a.delivery_id for a in attempts) == sorted(after)
