@@ -116,7 +116,8 @@ async def test_an_intake_file_made_anew_starts_from_its_own_first_id(app: App) -
     ]
 
 
-async def test_two_processes_moving_at_once_move_each_message_once(app: App) -> None:
+async def test_two_movers_at_once_move_each_message_once(app: App) -> None:
+    """Two apps with their own connections, as two worker processes would have."""
     other = build_app(app.config, clock=app.clock, parse_workers=0)
     try:
         await store(app, 200)
