@@ -503,12 +503,15 @@ def verify(
 
 
 async def progressed(client: asyncio.subprocess.Process, acks_file: Path, mark: int) -> bool:
-    """Wait until the client has `mark` 250s; False if it finished first."""
+    """Wait until the client has `mark` 250s; False if it finished short of them.
+
+    The count comes first: a client that reached the mark and finished between two looks
+    still gets its kill, which then lands while the backlog is processed."""
     while True:
-        if client.returncode is not None:
-            return False
         if len(read_acks(acks_file)[0]) >= mark:
             return True
+        if client.returncode is not None:
+            return False
         await asyncio.sleep(0.05)
 
 
