@@ -179,12 +179,22 @@ async def _seen(session: AsyncSession, message_id: str) -> bool:
     return found.first() is not None
 
 
-def dkim_sender(app: App, parsed: ParsedMessage) -> str:
-    """The agent whose DKIM signature `verify_sender` may check on this mail, or ""."""
+def _agent_author(app: App, parsed: ParsedMessage) -> str:
+    """The agent this mail's headers say wrote it alone (one From, no one else's Sender), or
+    "": what `verify_sender` must see before any check is worth running."""
     sender = parsed.from_addr.addr if parsed.from_addr else ""
-    if not sender or app.config.agent_for(sender) is None or "dkim" not in app.config.agents.verify:
+    if not sender or app.config.agent_for(sender) is None or parsed.from_count != 1:
+        return ""
+    if parsed.sender is not None and parsed.sender.addr != sender:
+        return ""  # sent on someone else's behalf: not the agent's own mail
+    if len(parsed.header_all("from")) != 1 or len(parsed.header_all("sender")) > 1:
         return ""
     return sender
+
+
+def dkim_sender(app: App, parsed: ParsedMessage) -> str:
+    """The agent whose DKIM signature `verify_sender` may check on this mail, or ""."""
+    return _agent_author(app, parsed) if "dkim" in app.config.agents.verify else ""
 
 
 async def dkim_verdicts(
@@ -214,12 +224,8 @@ async def verify_sender(
     `dkim` is the verdict `dkim_verdicts` found already; None checks here.
     """
     config = app.config
-    sender = parsed.from_addr.addr if parsed.from_addr else ""
-    if not sender or config.agent_for(sender) is None or parsed.from_count != 1:
-        return ""
-    if parsed.sender is not None and parsed.sender.addr != sender:
-        return ""  # sent on someone else's behalf: not the agent's own mail
-    if len(parsed.header_all("from")) != 1 or len(parsed.header_all("sender")) > 1:
+    sender = _agent_author(app, parsed)
+    if not sender:
         return ""
     if parsed.has_message_id and await _seen(session, parsed.message_id):
         return ""  # exact copies stop at dedupe: this is an old agent mail, altered and replayed
