@@ -248,17 +248,18 @@ class OutboxWorker:
             ids = [row.id for row, _ in results]
             query = select(Delivery).where(Delivery.id.in_(ids))
             live_rows = {d.id: d for d in (await session.execute(query)).scalars()}
-            for row, result in results:
-                live = live_rows.get(row.id)
-                if live is not None:
-                    self._apply(session, live, result, now=now)
-        for row, result in results:
-            outcome = "sent" if isinstance(result, str) else result.per_recipient[0].outcome
+            outcomes = [
+                (row, self._apply(session, live, result, now=now))
+                for row, result in results
+                if (live := live_rows.get(row.id)) is not None
+            ]
+        for row, outcome in outcomes:
             log.info("delivery %s to %s: %s", row.id, row.kind, outcome)
 
     def _apply(
         self, session: AsyncSession, live: Delivery, result: SendResult | str, *, now: datetime
-    ) -> None:
+    ) -> str:
+        """Record one attempt on its delivery row; returns the outcome."""
         live.attempts += 1
         live.claimed_until = None
         if isinstance(result, str):
@@ -292,6 +293,7 @@ class OutboxWorker:
             else:
                 live.status = "deferred"
                 live.next_attempt_at = retry_at
+        return outcome
 
     async def _deliver(self, row: Delivery, done: asyncio.Queue[_Result]) -> None:
         """Send one row and hand its result to the recorder at once."""
