@@ -274,7 +274,9 @@ def connect_ro(path: Path) -> sqlite3.Connection:
 def unmoved(db: Path) -> int:
     """Mail committed to the intake file beside `db` (gateway/intake.py) and not yet moved to
     raw_mail."""
-    side = db.with_name(db.name + "-intake")
+    from gateway.intake import SUFFIX
+
+    side = db.with_name(db.name + SUFFIX)
     if not side.exists():
         return 0
     with contextlib.closing(connect_ro(side)) as conn:

@@ -25,6 +25,10 @@ def db_path(app: App) -> Path:
     return Path(app.config.database_url.partition(":///")[2])
 
 
+def intake_path(app: App) -> Path:
+    return Path(str(app.intake_engine.url.database))
+
+
 async def store(app: App, count: int, *, tag: str = "m") -> list[bytes]:
     """Store `count` messages through the spool, as the SMTP listener does."""
     spool = Spool(app.intake, clock=app.clock)
@@ -81,9 +85,7 @@ async def test_moved_mail_keeps_its_order_envelope_and_bytes(app: App) -> None:
 async def test_a_move_whose_clearing_failed_is_not_moved_again(app: App) -> None:
     """The crash this guards: rows moved and committed, the intake file not yet cleared."""
     await store(app, 3)
-    side = sqlite3.connect(
-        db_path(app).with_name(db_path(app).name + "-intake"), isolation_level=None
-    )
+    side = sqlite3.connect(intake_path(app), isolation_level=None)
     side.execute("BEGIN IMMEDIATE")  # intake holds its lock: the clearing must give up
     try:
         assert await move_received(app) == 3
@@ -103,7 +105,7 @@ async def test_an_intake_file_made_anew_starts_from_its_own_first_id(app: App) -
     assert len(await stored_raw(app)) == 2
     await app.intake_engine.dispose()
     await app.intake_reader_engine.dispose()
-    side = db_path(app).with_name(db_path(app).name + "-intake")
+    side = intake_path(app)
     for path in side.parent.glob(side.name + "*"):
         path.unlink()
     await store(app, 2, tag="after")  # ids 1 and 2 again, in a file with a new epoch
