@@ -202,10 +202,14 @@ class Renderer:
         _bounded_filters(self._env)
 
     def _exists(self, file: str) -> bool:
+        """Through the environment's cache of compiled templates, which checks the override
+        folder's mtimes, so a render reads no file unless an admin changed one."""
         try:
-            self._loader.get_source(self._env, file)
-        except TemplateNotFound:
-            return False
+            self._env.get_template(file)
+        except TemplateNotFound as exc:
+            return exc.name != file
+        except TemplateSyntaxError:
+            return True  # rendering it reports the error
         return True
 
     def _files(self) -> list[str]:
