@@ -8,10 +8,13 @@ long one is never turned into an encoded word (which would break threading).
 
 from __future__ import annotations
 
+import binascii
+import random
 import re
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from email import policy
+from email import policy, quoprimime
 from email.headerregistry import Address as HeaderAddress
 from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
@@ -108,17 +111,23 @@ def _settle(text: str, limit: int) -> str:
 
 _PLAIN = re.compile(r"[!-~]+(?: [!-~]+)*")  # printable ASCII words, one space between
 _FOLD_AT = 78  # the policy folds lines longer than this
+_CRLF = re.compile(r"\r\n|\r|\n")  # the generator writes every line ending as CRLF
 
 
-def _put(msg: EmailMessage, name: str, value: str | HeaderAddress | list[HeaderAddress]) -> None:
-    """Set a header. A short value of plain ASCII words with no encoded word is written as it
-    is: the line the policy would fold it to anyway, without parsing it into a tree and
-    folding that back (that was over a third of composing). The rest goes through the policy."""
+def _header(name: str, value: str | HeaderAddress | list[HeaderAddress]) -> bytes:
+    """One header's folded line(s). A short value of plain ASCII words with no encoded word is
+    written as it is: the line the policy would fold it to anyway, without parsing it into a
+    tree and folding that back (that was over a third of composing). The rest goes through the
+    policy, as ``msg[name] = value`` would."""
     text = value if isinstance(value, str) else ", ".join(map(str, _listed(value)))
     if len(name) + 2 + len(text) <= _FOLD_AT and "=?" not in text and _PLAIN.fullmatch(text):
-        msg.set_raw(name, text)
-    else:
-        msg[name] = value
+        return _raw(name, text)
+    return SMTP_POLICY.fold_binary(name, SMTP_POLICY.header_store_parse(name, value)[1])
+
+
+def _raw(name: str, value: str) -> bytes:
+    """A header written as given (our own ids, already checked), as ``set_raw`` would be."""
+    return f"{name}: {value}\r\n".encode("ascii")
 
 
 def _listed(value: HeaderAddress | list[HeaderAddress]) -> list[HeaderAddress]:
@@ -187,31 +196,37 @@ def compose(
     parent = _clean_id(in_reply_to) if in_reply_to else None
     refs = _references(references, parent)
 
-    msg = EmailMessage(policy=SMTP_POLICY)
-    _put(msg, "From", _address(from_addr))
-    _put(msg, "To", [_address(a) for a in to])
+    head = [_header("From", _address(from_addr)), _header("To", [_address(a) for a in to])]
     if cc:
-        _put(msg, "Cc", [_address(a) for a in cc])
+        head.append(_header("Cc", [_address(a) for a in cc]))
     if reply_to is not None:
-        _put(msg, "Reply-To", _address(reply_to))
-    _put(msg, "Subject", _settle(notice.subject, TEXT_LIMIT))
-    _put(msg, "Date", format_datetime(when))
-    msg.set_raw("Message-ID", f"<{own_id}>")
+        head.append(_header("Reply-To", _address(reply_to)))
+    head.append(_header("Subject", _settle(notice.subject, TEXT_LIMIT)))
+    head.append(_header("Date", format_datetime(when)))
+    head.append(_raw("Message-ID", f"<{own_id}>"))
     if parent:
-        msg.set_raw("In-Reply-To", f"<{parent}>")
+        head.append(_raw("In-Reply-To", f"<{parent}>"))
     if refs:
-        msg.set_raw("References", "\r\n ".join(f"<{i}>" for i in refs))
+        head.append(_raw("References", "\r\n ".join(f"<{i}>" for i in refs)))
     if auto_submitted:
-        _put(msg, "Auto-Submitted", _settle(auto_submitted, VALUE_LIMIT))
-    _put(msg, "X-Auto-Response-Suppress", "All")
+        head.append(_header("Auto-Submitted", _settle(auto_submitted, VALUE_LIMIT)))
+    head.append(_header("X-Auto-Response-Suppress", "All"))
     if thread_topic:
-        _put(msg, "Thread-Topic", _settle(thread_topic, TEXT_LIMIT))
-    _put(msg, "Thread-Index", thread_index(seed=refs[0] if refs else own_id, date=when))
+        head.append(_header("Thread-Topic", _settle(thread_topic, TEXT_LIMIT)))
+    head.append(_header("Thread-Index", thread_index(seed=refs[0] if refs else own_id, date=when)))
     for name, value in extra_headers:
-        if not _HEADER_NAME.fullmatch(name) or name.lower() in _OURS:
+        lowered = name.lower()
+        if not _HEADER_NAME.fullmatch(name) or lowered in _OURS or lowered.startswith("content-"):
             raise ValueError(f"extra header not allowed: {name!r}")
-        _put(msg, name, _settle(value, VALUE_LIMIT))
+        head.append(_header(name, _settle(value, VALUE_LIMIT)))
+    body = _mime_body(notice, attachments) if attachments else _text_body(notice)
+    return b"".join(head) + body
 
+
+def _mime_body(notice: Notice, attachments: Sequence[tuple[str, str, bytes]]) -> bytes:
+    """The MIME headers and body of the notice by the email package: the general way, for
+    notices with attachments, and the reference `_text_body` is tested against."""
+    msg = EmailMessage(policy=SMTP_POLICY)
     msg.set_content(notice.text)
     if notice.html is not None:
         msg.add_alternative(notice.html, subtype="html")
@@ -222,3 +237,64 @@ def compose(
         name = _settle(filename, TEXT_LIMIT).replace("/", "_").replace("\\", "_") or "attachment"
         msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
     return msg.as_bytes(policy=SMTP_POLICY)
+
+
+def _text_body(notice: Notice) -> bytes:
+    """What `_mime_body` gives for a notice without attachments (text, or text and HTML as
+    multipart/alternative), byte for byte but for the random boundary, written directly: the
+    email package's content manager and generator were half of composing a notice."""
+    if notice.html is None:
+        return _text_part(notice.text, "plain", mime_version=True)
+    parts = [
+        _text_part(notice.text, "plain", mime_version=False),
+        _text_part(notice.html, "html", mime_version=True),  # the package repeats it here
+    ]
+    boundary = _boundary(parts)
+    return b"".join(
+        [
+            b'MIME-Version: 1.0\r\nContent-Type: multipart/alternative;\r\n boundary="%s"\r\n'
+            b"\r\n--%s\r\n" % (boundary, boundary),
+            f"\r\n--{boundary.decode()}\r\n".encode().join(parts),
+            b"\r\n--%s--\r\n" % boundary,
+        ]
+    )
+
+
+def _boundary(parts: Sequence[bytes]) -> bytes:
+    """A boundary in the email package's form that no part contains."""
+    while True:
+        boundary = b"===============%019d==" % random.randrange(sys.maxsize)
+        if not any(b"--" + boundary in part for part in parts):
+            return boundary
+
+
+def _text_part(text: str, subtype: str, *, mime_version: bool) -> bytes:
+    """A UTF-8 text part, its transfer encoding chosen as `set_content` chooses it: 7bit when
+    every line is ASCII and short enough, else the shorter of quoted-printable and base64 as
+    judged on the first ten lines."""
+    limit = _FOLD_AT  # SMTP_POLICY.max_line_length
+    lines = text.encode("utf-8").splitlines()
+    normal = b"\n".join(lines) + b"\n"
+    if max(map(len, lines), default=0) <= limit and normal.isascii():
+        cte, payload = "7bit", normal.decode("ascii")
+    else:
+        sniff = b"\r\n".join(lines[:10]) + b"\r\n"
+        sniff_qp = quoprimime.body_encode(sniff.decode("latin-1"), limit)
+        if len(sniff_qp) > len(binascii.b2a_base64(sniff)):
+            cte, step = "base64", limit // 4 * 3
+            embedded = b"\r\n".join(lines) + b"\r\n"
+            payload = "".join(
+                binascii.b2a_base64(embedded[i : i + step]).decode("ascii")
+                for i in range(0, len(embedded), step)
+            )
+        elif len(lines) <= 10:
+            cte, payload = "quoted-printable", sniff_qp
+        else:
+            cte, payload = (
+                "quoted-printable",
+                quoprimime.body_encode(normal.decode("latin-1"), limit),
+            )
+    head = f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n'
+    if mime_version:
+        head += "MIME-Version: 1.0\r\n"
+    return (head + "\r\n" + _CRLF.sub("\r\n", payload)).encode("ascii")

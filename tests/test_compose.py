@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import email
+import re
 import sys
 from datetime import UTC, datetime, timedelta, timezone
 from email import policy
@@ -245,7 +246,7 @@ def test_attachments_and_alternative() -> None:
 
 
 def test_extra_headers_cannot_shadow_ours() -> None:
-    for name in ("From", "bcc", "Message-ID", "Bad Name", "X-A:b"):
+    for name in ("From", "bcc", "Message-ID", "Bad Name", "X-A:b", "Content-Disposition"):
         with pytest.raises(ValueError):
             _build(extra_headers=[(name, "x")])
 
@@ -334,23 +335,24 @@ def _random_text(rng: Any, longest: int) -> str:
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, longest)))
 
 
-def _header_bytes(set_header: Any) -> tuple[bytes, bool]:
-    """The message's bytes, and whether its header was stored as written (not parsed)."""
+def _policy_header(name: str, value: Any) -> tuple[bytes, bool]:
+    """The header's bytes as the email package writes ``msg[name] = value``, and whether it
+    was stored as written (not parsed)."""
     from responders.compose import SMTP_POLICY
 
     msg = EmailMessage(policy=SMTP_POLICY)
-    set_header(msg)
+    msg[name] = value
     (stored,) = [value for _name, value in msg._headers]
-    return msg.as_bytes(policy=SMTP_POLICY), not hasattr(stored, "fold")
+    return msg.as_bytes(policy=SMTP_POLICY).removesuffix(b"\r\n"), not hasattr(stored, "fold")
 
 
 def test_short_plain_headers_written_raw_match_the_policys_folding() -> None:
-    """Seeded random values, plain and not, short and long: `_put` gives the policy's bytes."""
+    """Seeded random values, plain and not, short and long: `_header` gives the policy's bytes."""
     import random
     from email.headerregistry import Address as HeaderAddress
     from email.utils import format_datetime
 
-    from responders.compose import TEXT_LIMIT, _put, _settle
+    from responders.compose import _PLAIN, TEXT_LIMIT, _header, _settle
 
     rng = random.Random(20261122)
     shortcut = 0
@@ -377,14 +379,62 @@ def test_short_plain_headers_written_raw_match_the_policys_folding() -> None:
             ]
             value = people[0] if kind == 2 else people
 
-        def by_policy(msg: EmailMessage) -> None:
-            msg[name] = value  # noqa: B023 - called at once
-
-        def by_put(msg: EmailMessage) -> None:
-            _put(msg, name, value)  # noqa: B023 - called at once
-
-        (expected, policy_raw), (got, raw) = _header_bytes(by_policy), _header_bytes(by_put)
+        expected, policy_raw = _policy_header(name, value)
+        got = _header(name, value)
         assert got == expected, (name, value)
         assert not policy_raw
-        shortcut += raw
+        line = got.decode().removesuffix("\r\n").removeprefix(f"{name}: ")
+        shortcut += "\r\n" not in line and bool(_PLAIN.fullmatch(line)) and "=?" not in line
     assert 2000 < shortcut < 5500  # both paths were taken, often
+
+
+# -- notices without attachments are written without the email package ---------------------------
+
+_BOUNDARY = re.compile(rb"===============\d{19}==")
+
+
+def _random_body(rng: Any) -> str:
+    """Lines of ASCII, Latin-1, CJK and emoji, short and over-long, with every line ending."""
+    pieces = [
+        "plain words",
+        "caf\u00e9",
+        "\u4e2d\u6587",
+        "\U0001f600",
+        "From me",
+        ".",
+        "--x",
+        "=3D",
+        " trailing ",
+        "\t",
+        "a" * 90,
+        "b" * 1200,
+        "",
+        "=?utf-8?q?x?=",
+    ]
+    ends = ["\n", "\n", "\n", "\r\n", "\r", ""]
+    mix = rng.choice([pieces, pieces[:2] + pieces[6:9], pieces[2:4], pieces[:1] + pieces[4:8]])
+    return "".join(
+        " ".join(rng.choice(mix) for _ in range(rng.randint(0, 6))) + rng.choice(ends)
+        for _ in range(rng.choice([0, 1, 3, 10, 11, 40]))
+    )
+
+
+def test_text_body_matches_the_email_package_byte_for_byte() -> None:
+    """Seeded random notices, text alone and with HTML: the direct writer gives the package's
+    bytes (the random boundary aside), so 7bit, quoted-printable and base64 all come out."""
+    import random
+
+    from responders.compose import _mime_body, _text_body
+
+    rng = random.Random(20261123)
+    seen: set[bytes] = set()
+    for _ in range(3000):
+        notice = Notice(
+            subject="s",
+            text=_random_body(rng),
+            html=rng.choice([None, _random_body(rng), "<p>Hi caf\u00e9</p>\n"]),
+        )
+        got, expected = _text_body(notice), _mime_body(notice, ())
+        assert _BOUNDARY.sub(b"B", got) == _BOUNDARY.sub(b"B", expected), notice
+        seen.update(re.findall(rb"Content-Transfer-Encoding: (\S+)", got))
+    assert seen == {b"7bit", b"quoted-printable", b"base64"}
