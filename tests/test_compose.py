@@ -388,6 +388,33 @@ def test_short_plain_headers_written_raw_match_the_policys_folding() -> None:
     assert 2000 < shortcut < 5500  # both paths were taken, often
 
 
+def test_safe_addresses_are_split_as_the_header_parser_splits_them() -> None:
+    """Seeded random addresses: every one `is_safe_address` lets through is what the header
+    parser makes of it, and the rest are refused before anything is written."""
+    import random
+    from email.headerregistry import Address as HeaderAddress
+
+    from responders.compose import _address, is_safe_address
+
+    rng = random.Random(7)
+    alphabet = "ab.+_-'=/?{}~|@\"<> ,;:\\()[]\u00e9"
+    fixed = ["a@b.co", "a.b+c_d@x-y.example.com", "o'neil@ex.com", "a..b@ex.com", "a@ex..com"]
+    randoms = [
+        "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(5000)
+    ]
+    safe = 0
+    for spec in fixed + [f"{r}@ex.com" for r in randoms] + [f"a@{r}" for r in randoms]:
+        if not is_safe_address(spec):
+            with pytest.raises(ValueError):
+                _address(Address(spec, "N"))
+            continue
+        safe += 1
+        expected = HeaderAddress("N", addr_spec=spec)
+        got = _address(Address(spec, "N"))
+        assert (got, got.addr_spec, str(got)) == (expected, expected.addr_spec, str(expected))
+    assert safe > 300
+
+
 # -- notices without attachments are written without the email package ---------------------------
 
 _BOUNDARY = re.compile(rb"===============\d{19}==")
