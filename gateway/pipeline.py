@@ -294,7 +294,7 @@ async def process_one(
         return "quarantined"
     try:
         async with app.sessions() as session, session.begin():
-            state = await _process_in(session, app, raw.id, parsed, now=now, dkim=dkim)
+            state = await _process_in(session, app, raw, parsed, now=now, dkim=dkim)
         return state
     except Exception as exc:
         log.exception("message %s failed in the pipeline", raw.id)
@@ -305,22 +305,25 @@ async def process_one(
 async def _process_in(
     session: AsyncSession,
     app: App,
-    raw_id: int,
+    raw: RawMail,
     parsed: ParsedMessage,
     *,
     now: datetime,
     dkim: bool | None = None,
 ) -> str:
+    """The steps over `raw` (as claimed: its columns never change but its state), once its
+    state is re-read under the lock; the row itself (and its blob) is not loaded again."""
     # Locked for the transaction: two processes never handle the same message.
-    live = await session.get(RawMail, raw_id, with_for_update=True)
-    if live is None or live.state != "received":
-        return live.state if live else "missing"
-    work = Work(raw=live, parsed=parsed, now=now, dkim=dkim)
+    live = await session.scalar(select(RawMail.state).where(RawMail.id == raw.id).with_for_update())
+    if live != "received":
+        return live or "missing"
+    work = Work(raw=raw, parsed=parsed, now=now, dkim=dkim)
     state, note = await _run_steps(session, app, work)
-    live.state = state
-    live.processed_at = now
-    live.note = note[:2000]
-    live.claimed_until = None
+    await session.execute(
+        update(RawMail)
+        .where(RawMail.id == raw.id)
+        .values(state=state, processed_at=now, note=note[:2000], claimed_until=None)
+    )
     return state
 
 
@@ -353,7 +356,7 @@ async def process_group(
         async with app.sessions() as session, session.begin():
             for raw, parsed in items:
                 verdict = verdicts.get(raw.id)
-                state = await _process_in(session, app, raw.id, parsed, now=now, dkim=verdict)
+                state = await _process_in(session, app, raw, parsed, now=now, dkim=verdict)
                 counts[state] = counts.get(state, 0) + 1
                 done.append(raw)
                 if loop.time() - started > GROUP_SECONDS or app.intake_waiting.is_set():
