@@ -108,16 +108,26 @@ async def create_ticket(
     return ticket
 
 
-def _insert_ignore(session: AsyncSession, model: Any) -> Any:
+_IGNORING: dict[tuple[str, str], Any] = {}
+
+
+async def _insert_ignoring(
+    session: AsyncSession, model: Any, rows: list[dict[str, Any]], *, keys: list[str]
+) -> None:
+    """INSERT … ON CONFLICT (keys) DO NOTHING of `rows`, through the session's connection.
+
+    The statement is built once per dialect and table (building one cost more than running
+    it), and runs as Core: the rows need only their ticket's row, which exists once the
+    ticket has an id, so pending ORM changes wait for the next flush instead of getting one
+    of their own."""
     dialect = session.get_bind().dialect.name
-    return (pg_insert if dialect == "postgresql" else sqlite_insert)(model)
-
-
-async def _insert_rows(session: AsyncSession, stmt: Any) -> None:
-    """A Core insert that needs only its ticket's row, which exists once the ticket has an
-    id: pending ORM changes wait for the next flush instead of getting one of their own."""
-    with session.no_autoflush:
-        await session.execute(stmt)
+    stmt = _IGNORING.get((dialect, model.__tablename__))
+    if stmt is None:
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        stmt = insert(model.__table__).on_conflict_do_nothing(index_elements=keys)
+        _IGNORING[dialect, model.__tablename__] = stmt
+    connection = await session.connection()
+    await connection.execute(stmt, rows if len(rows) > 1 else rows[0])
 
 
 async def add_participants(
@@ -127,10 +137,7 @@ async def add_participants(
         {"ticket_id": ticket.id, "address": p.addr, "name": p.name, "role": role} for p in people
     ]
     if rows:
-        stmt = _insert_ignore(session, Participant).values(rows)
-        await _insert_rows(
-            session, stmt.on_conflict_do_nothing(index_elements=["ticket_id", "address"])
-        )
+        await _insert_ignoring(session, Participant, rows, keys=["ticket_id", "address"])
 
 
 async def remember_ids(
@@ -144,10 +151,7 @@ async def remember_ids(
         if m and m not in stored
     ]
     if rows:
-        stmt = _insert_ignore(session, ThreadRef).values(rows)
-        await _insert_rows(
-            session, stmt.on_conflict_do_nothing(index_elements=["message_id", "ticket_id"])
-        )
+        await _insert_ignoring(session, ThreadRef, rows, keys=["message_id", "ticket_id"])
 
 
 def sanitise_html(html: str) -> str:
