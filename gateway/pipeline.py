@@ -238,7 +238,7 @@ async def _new_ticket(session: AsyncSession, app: App, work: Work) -> Ticket:
     box = config.mailbox_for(mailbox) or config.mailbox[0]
     requester = work.parsed.from_addr or Address(work.raw.mail_from or "unknown@invalid")
     text = f"{work.parsed.subject}\n{work.parsed.new_text}"
-    priority = "urgent" if urgent_by_rules(config, text) else "normal"
+    priority = "urgent" if urgent_by_rules(config.priority.urgent_patterns, text) else "normal"
     reply_to = work.parsed.reply_to[0].addr if work.parsed.reply_to else ""
     return await create_ticket(
         session,

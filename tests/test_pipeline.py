@@ -202,3 +202,23 @@ async def test_mail_that_breaks_a_limit_is_quarantined_with_its_reason(app: App)
     assert "nesting" in raw.note
     assert raw.attempts == app.config.pipeline.max_attempts  # waits for a person
     assert await process_pending(app) == {}
+
+
+def test_urgent_patterns_joined_match_as_they_match_alone() -> None:
+    """The patterns are searched as one alternation when that cannot change what they match;
+    a back-reference or a global flag past the start keeps them searched one by one."""
+    from gateway.config import PrioritySection
+    from gateway.tickets import _joined
+    from gateway.tickets import urgent_by_rules as urgent
+
+    defaults = PrioritySection().urgent_patterns
+    assert _joined(tuple(defaults)) is not None
+    assert urgent(defaults, "Hi\nOur MAILS are not being DELIVERED since noon")
+    assert not urgent(defaults, "Hi\nThe invoice page is broken")
+    backreference = [r"(a)x", r"(b)\1"]  # \1 is b's own group only when searched alone
+    assert _joined(tuple(backreference)) is None
+    assert urgent(backreference, "bb") and not urgent(backreference, "ba")
+    late_flag = [r"zzz", r"(?s)a.b"]
+    assert _joined(tuple(late_flag)) is None
+    assert urgent(late_flag, "a\nb")
+    assert not urgent([], "anything")
