@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 import tomllib
@@ -291,8 +292,9 @@ class Config:
     def base_dir(self) -> Path:
         return self.path.parent
 
-    @property
+    @functools.cached_property
     def data_dir(self) -> Path:
+        """Resolved once: every message with an attachment asks for it."""
         return (self.base_dir / self.gateway.data_dir).resolve()
 
     @property

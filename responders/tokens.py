@@ -29,7 +29,7 @@ _TOKEN_MAC_BYTES = 10
 def _mac(secret: bytes, purpose: bytes, data: bytes) -> bytes:
     if not secret:
         raise ValueError("an empty secret signs nothing")
-    return hmac.new(secret, purpose + b"\x00" + data, hashlib.sha256).digest()
+    return hmac.digest(secret, purpose + b"\x00" + data, hashlib.sha256)
 
 
 def _b32(data: bytes) -> str:
@@ -49,7 +49,9 @@ def _unb32(text: str) -> bytes | None:
 
 def _mid_mac(*, ticket_ref: str, unique: str, domain: str, secret: bytes) -> str:
     data = f"{ticket_ref}.{unique}@{domain.lower()}".encode()
-    return _b32(_mac(secret, b"supportgate/message-id", data))[:_MID_MAC_CHARS]
+    # Base32 spells each 5 bytes as 8 characters, so encoding the first 10 bytes gives the
+    # first 16 characters of the whole digest's spelling.
+    return _b32(_mac(secret, b"supportgate/message-id", data)[:10])[:_MID_MAC_CHARS]
 
 
 def message_id_for(*, ticket_ref: str, domain: str, secret: bytes, unique: str) -> str:

@@ -312,6 +312,15 @@ def test_reply_token_round_trips_and_is_local_part_safe() -> None:
     assert len("support+" + requester_token) <= 64
 
 
+def test_signed_ids_keep_their_spelling() -> None:
+    """Ids already out in the world must still verify after an upgrade: pinned values."""
+    key = b"k" * 32
+    mid = message_id_for(ticket_ref="SG-1", domain="example.com", secret=key, unique="abc")
+    assert mid == "sg.SG-1.abc.bbq27vteuz@example.com"
+    token = reply_token(ticket_ref="SG-1", agent="Sam@Example.com", secret=key)
+    assert token == "knds2miaonqw2qdfpbqw24dmmuxgg33nd2pbiyr45mkxeywl"
+
+
 def test_reply_token_rejects_tampering() -> None:
     token = reply_token(ticket_ref="SUP-1042", agent="sam@example.com", secret=SECRET)
     other = reply_token(ticket_ref="SUP-7", agent="sam@example.com", secret=SECRET)
