@@ -9,6 +9,8 @@ long one is never turned into an encoded word (which would break threading).
 from __future__ import annotations
 
 import binascii
+import functools
+import itertools
 import random
 import re
 import sys
@@ -117,14 +119,42 @@ _CRLF = re.compile(r"\r\n|\r|\n")  # the generator writes every line ending as C
 
 
 def _header(name: str, value: str | HeaderAddress | list[HeaderAddress]) -> bytes:
-    """One header's folded line(s). A short value of plain ASCII words with no encoded word is
-    written as it is: the line the policy would fold it to anyway, without parsing it into a
-    tree and folding that back (that was over a third of composing). The rest goes through the
-    policy, as ``msg[name] = value`` would."""
+    """One header's folded line(s), as ``msg[name] = value`` would write them.
+
+    A value of plain ASCII words with no encoded word is never parsed here (parsing it into a
+    tree and folding that back was over a third of composing): a short one is the line the
+    policy would write anyway, and a long one is folded where the policy folds a value of the
+    same shape (`_breaks`). The rest goes through the policy."""
     text = value if isinstance(value, str) else ", ".join(map(str, _listed(value)))
-    if len(name) + 2 + len(text) <= _FOLD_AT and "=?" not in text and _PLAIN.fullmatch(text):
-        return _raw(name, text)
+    if "=?" not in text and _PLAIN.fullmatch(text):
+        line = f"{name}: {text}"
+        if len(line) <= _FOLD_AT:
+            return f"{line}\r\n".encode("ascii")
+        breaks = _breaks(name, _ALNUM.sub("a", text))
+        if breaks is not None:
+            ends = zip((0, *breaks), (*breaks, len(line)), strict=True)
+            return ("\r\n".join(line[i:j] for i, j in ends) + "\r\n").encode("ascii")
     return SMTP_POLICY.fold_binary(name, SMTP_POLICY.header_store_parse(name, value)[1])
+
+
+_ALNUM = re.compile(r"[A-Za-z0-9]")
+
+
+@functools.lru_cache(maxsize=1024)
+def _breaks(name: str, shape: str) -> tuple[int, ...] | None:
+    """Where the policy breaks ``name: shape`` into lines, as offsets in the one-line form;
+    None when folding it does more than break lines (an over-long word it would encode).
+
+    ``shape`` is a plain value with every letter and digit made an ``a``. The header parser
+    and the folder treat letters and digits alike (structure comes from spaces and
+    punctuation, and a value with ``=?`` never gets here), so a value folds where its shape
+    does: a long Reply-To with a reply token has the same few shapes across a mailbox's
+    notices."""
+    folded = SMTP_POLICY.fold_binary(name, SMTP_POLICY.header_store_parse(name, shape)[1])
+    lines = folded.decode("ascii").removesuffix("\r\n").split("\r\n")
+    if "".join(lines) != f"{name}: {shape}":
+        return None
+    return tuple(itertools.accumulate(len(x) for x in lines[:-1]))
 
 
 def _raw(name: str, value: str) -> bytes:

@@ -355,46 +355,65 @@ def _policy_header(name: str, value: Any) -> tuple[bytes, bool]:
     return msg.as_bytes(policy=SMTP_POLICY).removesuffix(b"\r\n"), not hasattr(stored, "fold")
 
 
-def test_short_plain_headers_written_raw_match_the_policys_folding() -> None:
-    """Seeded random values, plain and not, short and long: `_header` gives the policy's bytes."""
+def _redrawn(rng: Any, text: str) -> str:
+    """The same shape: every ASCII letter and digit drawn again, everything else kept."""
+    return "".join(rng.choice("abqXYZ0189") if c.isascii() and c.isalnum() else c for c in text)
+
+
+def test_headers_written_without_the_policy_match_its_folding() -> None:
+    """Seeded random values, plain and not, short and long, each with a twin of the same shape
+    (letters and digits drawn again): `_header` gives the policy's bytes for all of them, by
+    each of its three paths (short and written as is, long and folded as its shape, the
+    policy), so a shape's cached folding is checked on values it was not computed from."""
     import random
     from email.headerregistry import Address as HeaderAddress
     from email.utils import format_datetime
 
-    from responders.compose import _PLAIN, TEXT_LIMIT, _header, _settle
+    from responders.compose import _ALNUM, _PLAIN, TEXT_LIMIT, _breaks, _header, _settle
 
     rng = random.Random(20261122)
-    shortcut = 0
+    paths = {"short": 0, "shape": 0, "policy": 0}
     for n in range(6000):
         kind = n % 4
-        value: Any
+        values: list[Any]
         if kind == 0:
             name = rng.choice(["Subject", "Thread-Topic", "Auto-Submitted", "X-Custom"])
-            value = _settle(_random_text(rng, 90), TEXT_LIMIT)
+            text = _settle(_random_text(rng, rng.choice([90, 200])), TEXT_LIMIT)
+            values = [text, _redrawn(rng, text)]
         elif kind == 1:
             name = "Date"
             moment = WHEN + timedelta(seconds=rng.randint(-(10**9), 10**9))
-            value = format_datetime(
-                moment.astimezone(timezone(timedelta(minutes=rng.choice([-300, 0, 330]))))
-            )
+            values = [
+                format_datetime(
+                    moment.astimezone(timezone(timedelta(minutes=rng.choice([-300, 0, 330]))))
+                )
+            ]
         else:
             name = rng.choice(["From", "To", "Cc", "Reply-To"])
+            local = rng.choice(["ada", "a.b", "x+t_1", "support+" + "k7" * rng.randint(5, 45)])
+            spec = f"{local}@{rng.choice(['example.com', 'mail.example-2.co.uk'])}"
+            display = _settle(_random_text(rng, rng.choice([30, 60])), TEXT_LIMIT)
             people = [
-                HeaderAddress(
-                    display_name=_settle(_random_text(rng, 30), TEXT_LIMIT),
-                    addr_spec=f"{rng.choice(['ada', 'a.b', 'x+t_1'])}@example.com",
-                )
-                for _ in range(rng.choice([1, 1, 2]))
+                [HeaderAddress(display_name=d, addr_spec=a)]
+                for d, a in [(display, spec), (_redrawn(rng, display), _redrawn(rng, spec))]
             ]
-            value = people[0] if kind == 2 else people
+            if kind == 3:
+                extra = HeaderAddress("Ann Other", addr_spec="ann@example.org")
+                people = [[*group, extra] for group in people]
+            values = [group[0] if kind == 2 else group for group in people]
 
-        expected, policy_raw = _policy_header(name, value)
-        got = _header(name, value)
-        assert got == expected, (name, value)
-        assert not policy_raw
-        line = got.decode().removesuffix("\r\n").removeprefix(f"{name}: ")
-        shortcut += "\r\n" not in line and bool(_PLAIN.fullmatch(line)) and "=?" not in line
-    assert 2000 < shortcut < 5500  # both paths were taken, often
+        for value in values:
+            expected, policy_raw = _policy_header(name, value)
+            assert _header(name, value) == expected, (name, value)
+            assert not policy_raw
+            text = value if isinstance(value, str) else ", ".join(map(str, people[0]))
+            if "=?" in text or not _PLAIN.fullmatch(text):
+                paths["policy"] += 1
+            elif len(name) + 2 + len(text) <= 78:
+                paths["short"] += 1
+            else:
+                paths["shape" if _breaks(name, _ALNUM.sub("a", text)) else "policy"] += 1
+    assert min(paths.values()) > 500, paths  # every path was taken, often
 
 
 def test_safe_addresses_are_split_as_the_header_parser_splits_them() -> None:
