@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.app import App
 from gateway.models import Message, RefusedForward, Ticket
 from gateway.outbox import automatic_gate, enqueue
-from gateway.tickets import event, remember_ids
+from gateway.tickets import event, insert_row, remember_ids
 from parsing.model import Address, Attachment
 from responders.compose import compose
 from responders.tokens import message_id_for, reply_token
@@ -108,10 +108,11 @@ async def send_notice(
     cc: Sequence[Address] = (),
     body: str = "",
     attachments: Sequence[Attachment] = (),
-) -> Message | None:
+) -> str | None:
     """Render, compose and queue a notice; automatic mail passes the loop gate first.
 
-    Returns the stored outbound message, or None when nothing was sent to anyone.
+    Returns the notice's Message-ID, or None when nothing was sent to anyone. With `record`
+    it is stored on the ticket as an outbound message.
     """
     config = app.config
     recipients: list[Address] = []
@@ -187,26 +188,27 @@ async def send_notice(
         thread_topic=ticket.subject,
         date=now,
     )
-    message = Message(
-        ticket_id=ticket.id,
-        raw_id=None,
-        direction="out",
-        kind="auto" if automatic else "public",
-        classification=name,
-        message_id=mid,
-        from_addr=ticket.mailbox,
-        from_name=from_addr.name,
-        to_addrs=[r.addr for r in recipients],
-        subject=notice.subject,
-        text=notice.text,
-        new_text=body or notice.text,
-        author=agent.addr if agent else "",
-        threaded_by="new" if reply is None else "in-reply-to",
-        created_at=now,
-    )
+    message_row = None
     if record:
-        session.add(message)
-        await session.flush()
+        message_row = await insert_row(
+            session,
+            Message,
+            ticket_id=ticket.id,
+            raw_id=None,
+            direction="out",
+            kind="auto" if automatic else "public",
+            classification=name,
+            message_id=mid,
+            from_addr=ticket.mailbox,
+            from_name=from_addr.name,
+            to_addrs=[r.addr for r in recipients],
+            subject=notice.subject,
+            text=notice.text,
+            new_text=body or notice.text,
+            author=agent.addr if agent else "",
+            threaded_by="new" if reply is None else "in-reply-to",
+            created_at=now,
+        )
         await remember_ids(session, ticket, stored=[mid], referenced=[])
     await enqueue(
         session,
@@ -218,10 +220,10 @@ async def send_notice(
         automatic=automatic,
         now=now,
         ticket=ticket,
-        message_row=message.id if record else None,
+        message_row=message_row,
     )
     app.wake_outbox.set()
-    return message
+    return mid
 
 
 async def send_refusal(
