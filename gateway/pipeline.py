@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import or_, select, text, update
+from sqlalchemy import bindparam, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway import agents, bounces, forwards, timers
@@ -314,17 +314,29 @@ async def _process_in(
     """The steps over `raw` (as claimed: its columns never change but its state), once its
     state is re-read under the lock; the row itself (and its blob) is not loaded again."""
     # Locked for the transaction: two processes never handle the same message.
-    live = await session.scalar(select(RawMail.state).where(RawMail.id == raw.id).with_for_update())
+    connection = await session.connection()
+    live = (await connection.execute(_STATE, {"raw": raw.id})).scalar()
     if live != "received":
         return live or "missing"
     work = Work(raw=raw, parsed=parsed, now=now, dkim=dkim)
     state, note = await _run_steps(session, app, work)
-    await session.execute(
-        update(RawMail)
-        .where(RawMail.id == raw.id)
-        .values(state=state, processed_at=now, note=note[:2000], claimed_until=None)
-    )
+    values = {"raw": raw.id, "new_state": state, "at": now, "why": note[:2000]}
+    await connection.execute(_DONE, values)
     return state
+
+
+# Built once: building them cost more than running them, twice a message.
+_STATE = select(RawMail.state).where(RawMail.id == bindparam("raw")).with_for_update()
+_DONE = (
+    update(RawMail)
+    .where(RawMail.id == bindparam("raw"))
+    .values(
+        state=bindparam("new_state"),
+        processed_at=bindparam("at"),
+        note=bindparam("why"),
+        claimed_until=None,
+    )
+)
 
 
 # A group shares one transaction (one commit instead of one a message) but holds SQLite's
