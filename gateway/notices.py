@@ -11,9 +11,10 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.app import App
+from gateway.db import insert_row
 from gateway.models import Message, RefusedForward, Ticket
 from gateway.outbox import automatic_gate, enqueue
-from gateway.tickets import event, insert_row, remember_ids
+from gateway.tickets import event, remember_ids
 from parsing.model import Address, Attachment
 from responders.compose import compose
 from responders.tokens import message_id_for, reply_token

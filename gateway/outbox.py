@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.app import App
 from gateway.classify import is_mailer_daemon
 from gateway.config import Config
+from gateway.db import insert_rows
 from gateway.models import Delivery, DeliveryAttempt, Suppression, Ticket
 from responders.compose import is_safe_address
 from responders.transport import RecipientResult, Relay, SendResult, SmtpPool, deliver_maildir
@@ -138,34 +139,31 @@ async def enqueue(
     message_row: int | None = None,
     status: str = "queued",
     note: str = "",
-) -> list[Delivery]:
+) -> None:
     """One delivery row per recipient, in the caller's transaction.
 
-    The VERP sender names the row's id, which the row gets at the flush; the worker fills it
-    in when it claims the row, in the same UPDATE as the claim.
+    The VERP sender names the row's id; the worker fills it in when it claims the row, in the
+    same UPDATE as the claim.
     """
-    rows = []
-    for recipient in recipients:
-        row = Delivery(
-            ticket_id=ticket.id if ticket else None,
-            message_row=message_row,
-            kind=kind,
-            automatic=automatic,
-            message_id=message_id,
-            mail_from="",
-            recipient=recipient,
-            data=data,
-            status=status,
-            attempts=0,
-            last_error=note,
-            created_at=now,
-            # Due at once by the real clock too, even when a timer ran at a simulated time.
-            next_attempt_at=min(now, datetime.now(UTC)) if status == "queued" else None,
-            deadline_at=now + timedelta(hours=config.outbound.retry_deadline_hours),
-        )
-        session.add(row)
-        rows.append(row)
-    return rows
+    deadline = now + timedelta(hours=config.outbound.retry_deadline_hours)
+    # Due at once by the real clock too, even when a timer ran at a simulated time.
+    due = min(now, datetime.now(UTC)) if status == "queued" else None
+    common = {
+        "ticket_id": ticket.id if ticket else None,
+        "message_row": message_row,
+        "kind": kind,
+        "automatic": automatic,
+        "message_id": message_id,
+        "mail_from": "",
+        "data": data,
+        "status": status,
+        "attempts": 0,
+        "last_error": note,
+        "created_at": now,
+        "next_attempt_at": due,
+        "deadline_at": deadline,
+    }
+    await insert_rows(session, Delivery, [{**common, "recipient": r} for r in recipients])
 
 
 def backoff(attempts: int, *, base: float) -> timedelta:

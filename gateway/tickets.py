@@ -152,22 +152,6 @@ async def _insert_ignoring(
     await connection.execute(stmt, rows if len(rows) > 1 else rows[0])
 
 
-_RETURNING_ID: dict[str, Any] = {}
-
-
-async def insert_row(session: AsyncSession, model: Any, **values: Any) -> int:
-    """Insert one row of `model` as Core and return its id: for rows nothing in this
-    transaction reads back as an object (an outbound notice's message), which skip the ORM's
-    object, its flush and the statement built for each (several times running the insert).
-    Columns left out get their defaults, as with the ORM."""
-    stmt = _RETURNING_ID.get(model.__tablename__)
-    if stmt is None:
-        table = model.__table__
-        stmt = _RETURNING_ID[model.__tablename__] = table.insert().returning(table.c.id)
-    connection = await session.connection()
-    return int((await connection.execute(stmt, values)).scalar_one())
-
-
 async def add_participants(
     session: AsyncSession, ticket: Ticket, people: Iterable[Address], *, role: str
 ) -> None:
