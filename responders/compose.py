@@ -16,7 +16,7 @@ import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from email import policy, quoprimime
+from email import policy
 from email.headerregistry import Address as HeaderAddress
 from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
@@ -115,7 +115,6 @@ def _settle(text: str, limit: int) -> str:
 
 _PLAIN = re.compile(r"[!-~]+(?: [!-~]+)*")  # printable ASCII words, one space between
 _FOLD_AT = 78  # the policy folds lines longer than this
-_CRLF = re.compile(r"\r\n|\r|\n")  # the generator writes every line ending as CRLF
 
 
 def _header(name: str, value: str | HeaderAddress | list[HeaderAddress]) -> bytes:
@@ -306,30 +305,79 @@ def _boundary(parts: Sequence[bytes]) -> bytes:
 def _text_part(text: str, subtype: str, *, mime_version: bool) -> bytes:
     """A UTF-8 text part, its transfer encoding chosen as `set_content` chooses it: 7bit when
     every line is ASCII and short enough, else the shorter of quoted-printable and base64 as
-    judged on the first ten lines."""
+    judged on the first ten lines. Written with CRLF line ends, as the generator writes it."""
     limit = _FOLD_AT  # SMTP_POLICY.max_line_length
     lines = text.encode("utf-8").splitlines()
-    normal = b"\n".join(lines) + b"\n"
-    if max(map(len, lines), default=0) <= limit and normal.isascii():
-        cte, payload = "7bit", normal.decode("ascii")
+    embedded = b"\r\n".join(lines) + b"\r\n"
+    if max(map(len, lines), default=0) <= limit and embedded.isascii():
+        cte, payload = "7bit", embedded
     else:
         sniff = b"\r\n".join(lines[:10]) + b"\r\n"
-        sniff_qp = quoprimime.body_encode(sniff.decode("latin-1"), limit)
-        if len(sniff_qp) > len(binascii.b2a_base64(sniff)):
+        sniff_qp = _quoted_printable(sniff.decode("latin-1"), limit)
+        # Lengths as set_content compares them: its quoted-printable has one-byte line ends.
+        if len(sniff_qp) - sniff_qp.count("\r\n") > len(binascii.b2a_base64(sniff)):
             cte, step = "base64", limit // 4 * 3
-            embedded = b"\r\n".join(lines) + b"\r\n"
-            payload = "".join(
-                binascii.b2a_base64(embedded[i : i + step]).decode("ascii")
+            payload = b"".join(
+                binascii.b2a_base64(embedded[i : i + step], newline=False) + b"\r\n"
                 for i in range(0, len(embedded), step)
             )
         elif len(lines) <= 10:
-            cte, payload = "quoted-printable", sniff_qp
+            cte, payload = "quoted-printable", sniff_qp.encode("ascii")
         else:
-            cte, payload = (
-                "quoted-printable",
-                quoprimime.body_encode(normal.decode("latin-1"), limit),
-            )
+            cte = "quoted-printable"
+            payload = _quoted_printable(embedded.decode("latin-1"), limit).encode("ascii")
     head = f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n'
     if mime_version:
         head += "MIME-Version: 1.0\r\n"
-    return (head + "\r\n" + _CRLF.sub("\r\n", payload)).encode("ascii")
+    return (head + "\r\n").encode("ascii") + payload
+
+
+# What body quoted-printable spells as =XX: '=', control characters but tab and line ends,
+# and every 8-bit byte (the body arrives as UTF-8 bytes read as Latin-1).
+_QP_UNSAFE = re.compile(r"[^\t\n\r -<>-~]")
+_QP_ESCAPES = [f"={c:02X}" for c in range(256)]
+
+
+def _qp_escape(match: re.Match[str]) -> str:
+    return _QP_ESCAPES[ord(match.group())]
+
+
+def _quoted_printable(body: str, limit: int) -> str:
+    """``quoprimime.body_encode(body, limit, eol="\\r\\n")``, the same output, with the
+    character-by-character table lookup replaced by a search for the characters to escape
+    (mail is mostly ASCII). The line breaking below is the stdlib's, unchanged."""
+    if not body:
+        return body
+    body = _QP_UNSAFE.sub(_qp_escape, body)
+    soft_break = "=\r\n"
+    limit1 = limit - 1
+    encoded: list[str] = []
+    append = encoded.append
+    for line in body.splitlines():
+        start = 0
+        laststart = len(line) - 1 - limit
+        while start <= laststart:
+            stop = start + limit1
+            if line[stop - 2] == "=":  # never split an escape
+                append(line[start : stop - 1])
+                start = stop - 2
+            elif line[stop - 1] == "=":
+                append(line[start:stop])
+                start = stop - 1
+            else:
+                append(line[start:stop] + "=")
+                start = stop
+        if line and line[-1] in " \t":  # trailing whitespace is escaped, room permitting
+            room = start - laststart
+            if room >= 3:
+                q = _QP_ESCAPES[ord(line[-1])]
+            elif room == 2:
+                q = line[-1] + soft_break
+            else:
+                q = soft_break + _QP_ESCAPES[ord(line[-1])]
+            append(line[start:-1] + q)
+        else:
+            append(line[start:])
+    if body[-1] in "\r\n":
+        append("")
+    return "\r\n".join(encoded)

@@ -493,3 +493,27 @@ def test_text_body_matches_the_email_package_byte_for_byte() -> None:
         assert _BOUNDARY.sub(b"B", got) == _BOUNDARY.sub(b"B", expected), notice
         seen.update(re.findall(rb"Content-Transfer-Encoding: (\S+)", got))
     assert seen == {b"7bit", b"quoted-printable", b"base64"}
+
+
+def test_quoted_printable_matches_the_stdlib_encoder() -> None:
+    """Seeded random Latin-1 text (every byte value, '=' and trailing blanks near the break
+    points, every line end): the same output as quoprimime.body_encode."""
+    import random
+    from email import quoprimime
+
+    from responders.compose import _quoted_printable
+
+    rng = random.Random(11)
+    alphabet = "ab =\t\u00e9\u00ff\x00\x0b\x7f.-~" + "".join(map(chr, range(256)))
+    for _ in range(4000):
+        body = "".join(
+            "".join(
+                rng.choice(alphabet) for _ in range(rng.choice([0, 5, 74, 75, 76, 77, 78, 150]))
+            )
+            + rng.choice(["", " ", "\t", "=", " =", "  "])
+            + rng.choice(["\n", "\r\n", "\r", ""])
+            for _ in range(rng.randint(0, 4))
+        )
+        for limit in (76, 78):
+            expected = quoprimime.body_encode(body, limit, eol="\r\n")
+            assert _quoted_printable(body, limit) == expected, (body, limit)
