@@ -136,6 +136,11 @@ async def apply_step(session: AsyncSession, app: App, work: Work) -> None:
     if work.ticket is None:
         work.ticket = await _new_ticket(session, app, work)
     unverified = kind == "agent"
+    if not unverified and not work.classification.automatic:
+        # A customer's mail; it cancels the nudge and auto-close timers. Set before the
+        # message's flush, so a new ticket's row takes one UPDATE (with its ref), not two.
+        work.ticket.last_customer_at = work.now
+        work.ticket.nudge_due_at = work.ticket.autoclose_due_at = None
     work.message = await add_inbound_message(
         session,
         work.ticket,
@@ -154,7 +159,6 @@ async def apply_step(session: AsyncSession, app: App, work: Work) -> None:
     if work.classification.automatic:
         return
     ticket = work.ticket
-    ticket.last_customer_at = work.now
     await add_participants(session, ticket, _copied_people(app, work), role="cc")
     if ticket.status in ("pending", "solved"):
         set_status(
@@ -166,8 +170,6 @@ async def apply_step(session: AsyncSession, app: App, work: Work) -> None:
             actor=work.sender,
             message=work.message,
         )
-    # A customer reply cancels the nudge and auto-close timers.
-    ticket.nudge_due_at = ticket.autoclose_due_at = None
 
 
 async def respond_step(session: AsyncSession, app: App, work: Work) -> None:
