@@ -69,7 +69,7 @@ def _instrument() -> dict[str, list[float]]:
         return wrapper
 
     pipeline.STEPS = tuple((n, wrap(f"step {n}", f)) for n, f in pipeline.STEPS)
-    notices.compose = wrap("  compose (EmailMessage)", notices.compose)
+    notices.compose = wrap("  compose", notices.compose)
     pipeline.process_group = wrap("process_group (wall)", pipeline.process_group, time.perf_counter)
     notices.automatic_gate = wrap("  automatic_gate", notices.automatic_gate)
     notices.enqueue = wrap("  outbox.enqueue", notices.enqueue)
