@@ -222,3 +222,23 @@ def test_urgent_patterns_joined_match_as_they_match_alone() -> None:
     assert _joined(tuple(late_flag)) is None
     assert urgent(late_flag, "a\nb")
     assert not urgent([], "anything")
+
+
+async def test_a_sender_we_cannot_write_in_a_header_still_gets_a_ticket(app: App) -> None:
+    """An address the header parser would refuse (a doubled dot) is ticketed; only the
+    acknowledgement is skipped, with the reason on the ticket's events."""
+    from gateway.models import Event
+
+    raw_id = await receive(app, mail(sender="Jane <jane..doe@customer.org>"))
+    async with app.sessions() as session:
+        raw = await session.get(RawMail, raw_id)
+        assert raw is not None and raw.state == "processed", raw and raw.note
+        skipped = (
+            await session.execute(select(Event.detail).where(Event.action == "notice-skipped"))
+        ).scalars()
+        reasons = [
+            d.get("reason") for d in skipped if d.get("recipient") == "jane..doe@customer.org"
+        ]
+    assert [t["requester"] for t in await tickets(app)] == ["jane..doe@customer.org"]
+    assert reasons == ["an address we cannot write in a mail header"]
+    assert await deliveries(app, "acknowledgement") == []
