@@ -18,34 +18,34 @@ from sqlalchemy.ext.asyncio import (
 
 from gateway import sqlite_inline
 
-_INSERTS: dict[tuple[str, bool], Any] = {}
+_INSERTS: dict[str, Any] = {}
 
 
-def _insert(model: Any, *, returning_id: bool) -> Any:
+def _insert(model: Any) -> Any:
     """INSERT into `model`'s table as Core, built once (building one cost more than running
     it); columns left out of the parameters get their defaults, as with the ORM."""
-    key = (model.__tablename__, returning_id)
-    stmt = _INSERTS.get(key)
+    stmt = _INSERTS.get(model.__tablename__)
     if stmt is None:
-        table = model.__table__
-        stmt = table.insert().returning(table.c.id) if returning_id else table.insert()
-        _INSERTS[key] = stmt
+        stmt = _INSERTS[model.__tablename__] = model.__table__.insert()
     return stmt
 
 
 async def insert_row(session: AsyncSession, model: Any, **values: Any) -> int:
     """Insert one row and return its id, for rows nothing in the transaction reads back as
-    an object: they skip the ORM's object, its unit of work and a flush for the id."""
+    an object: they skip the ORM's object, its unit of work and a flush for the id. (The id
+    comes as the ORM gets it: RETURNING where the database has it, else the last row id.)"""
     connection = await session.connection()
-    result = await connection.execute(_insert(model, returning_id=True), values)
-    return int(result.scalar_one())
+    result = await connection.execute(_insert(model), values)
+    key = result.inserted_primary_key
+    assert key is not None  # a single-row INSERT
+    return int(key[0])
 
 
 async def insert_rows(session: AsyncSession, model: Any, rows: list[dict[str, Any]]) -> None:
     """Insert rows (executemany) that nothing in the transaction reads back as objects."""
     if rows:
         connection = await session.connection()
-        await connection.execute(_insert(model, returning_id=False), rows)
+        await connection.execute(_insert(model), rows)
 
 
 def is_sqlite(url: str) -> bool:

@@ -39,14 +39,16 @@ def urgent_by_rules(patterns: Sequence[str], text: str) -> bool:
     return any(re.search(p, text, re.IGNORECASE) for p in patterns)
 
 
-_BACKREFERENCE = re.compile(r"\\[1-9]|\(\?P=")
+# What refers to a group by number or name: joined, the numbers would shift.
+_BACKREFERENCE = re.compile(r"\\[1-9]|\(\?P=|\(\?\(")
 
 
 @functools.lru_cache(maxsize=8)
 def _joined(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
     """The patterns as one alternation: one scan of the text instead of one a pattern (a
     tenth of processing a message). None when joining could change what they match: a
-    numbered or named back-reference, or a global flag only allowed at a pattern's start."""
+    numbered or named back-reference or conditional, or a global flag only allowed at a
+    pattern's start."""
     if not patterns or any(_BACKREFERENCE.search(p) for p in patterns):
         return None
     try:

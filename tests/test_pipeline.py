@@ -218,6 +218,9 @@ def test_urgent_patterns_joined_match_as_they_match_alone() -> None:
     backreference = [r"(a)x", r"(b)\1"]  # \1 is b's own group only when searched alone
     assert _joined(tuple(backreference)) is None
     assert urgent(backreference, "bb") and not urgent(backreference, "ba")
+    conditional = [r"(x)", r"^(y)?(?(1)a|b)$"]  # group 1 is y's only when searched alone
+    assert _joined(tuple(conditional)) is None
+    assert urgent(conditional, "ya") and not urgent(conditional, "yb")
     late_flag = [r"zzz", r"(?s)a.b"]
     assert _joined(tuple(late_flag)) is None
     assert urgent(late_flag, "a\nb")
