@@ -186,6 +186,23 @@ class _Session:
         self.timeout = account.timeout_seconds
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.client: aioimaplib.IMAP4 | None = None
+        self.grew = False  # the server announced EXISTS since the last search
+
+    def _watch_exists(self) -> None:
+        """Note every EXISTS the server sends. aioimaplib drops untagged responses no pending
+        command asked for, such as an EXISTS that comes with a STORE's answer; mail that
+        arrived then waited for the next poll (`poll_seconds`), since IDLE reports only what
+        comes after it starts."""
+        assert self.client is not None
+        protocol = self.client.protocol
+        untagged = protocol._untagged_response
+
+        def watched(line: bytes) -> Any:
+            if line.rstrip().endswith(b" EXISTS"):
+                self.grew = True
+            return untagged(line)
+
+        protocol._untagged_response = watched
 
     def _connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
@@ -228,6 +245,7 @@ class _Session:
             ssl_context=tls,
         )
         await self.call("connect", self.client.wait_hello_from_server())
+        self._watch_exists()
         if account.security == "starttls":
             assert settings.ssl_context is not None
             await self._starttls(settings.ssl_context)
@@ -288,6 +306,7 @@ class _Session:
     async def search_after(self, last_uid: int) -> list[int]:
         """UIDs above last_uid; `N:*` also answers the highest UID when it is below N."""
         assert self.client is not None
+        self.grew = False  # what arrives from here on is in this search or brings a new poll
         response = _check(
             await self.call(
                 "UID SEARCH",
@@ -431,6 +450,8 @@ class ImapPoller:
     async def _wait_for_mail(self) -> None:
         session = self._session
         assert session is not None
+        if session.grew:  # mail came in during the poll: poll again at once
+            return
         if session.has("IDLE"):
             await session.idle(self.account.poll_seconds)
         else:
