@@ -421,6 +421,7 @@ class ImapPoller:
         self._settings = _settings(app, account, os.environ if env is None else env)
         self._session: _Session | None = None
         self._failures = 0
+        self._repolled = False  # the last wait was skipped for an EXISTS seen while polling
 
     # -- the loop serve runs -------------------------------------------------------------
     async def run(self) -> None:
@@ -450,8 +451,10 @@ class ImapPoller:
     async def _wait_for_mail(self) -> None:
         session = self._session
         assert session is not None
-        if session.grew:  # mail came in during the poll: poll again at once
+        if session.grew and not self._repolled:  # mail came in during the poll: poll again
+            self._repolled = True  # once: a server announcing EXISTS every time never spins
             return
+        self._repolled = False
         if session.has("IDLE"):
             await session.idle(self.account.poll_seconds)
         else:

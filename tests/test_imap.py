@@ -306,6 +306,32 @@ async def test_idle_wakes_the_poller_on_new_mail(app: App, spool: Spool, dovecot
             await task
 
 
+async def test_an_exists_during_a_poll_skips_one_wait_only(
+    app: App, spool: Spool, dovecot: Dovecot
+) -> None:
+    """An EXISTS seen while polling brings one poll at once; a server that sends EXISTS in
+    every poll still gets its IDLE between polls, never a tight loop."""
+
+    class Grown:
+        grew = True
+        idles = 0
+
+        def has(self, capability: str) -> bool:
+            return capability == "IDLE"
+
+        async def idle(self, seconds: float) -> bool:
+            self.idles += 1
+            return False
+
+    imap = ImapPoller(app, spool, app.config.imap[0], env=ENV)
+    session = Grown()
+    imap._session = session  # type: ignore[assignment]
+    for _ in range(3):
+        await imap._wait_for_mail()  # skipped, then idles, then skipped again
+        await imap._wait_for_mail()
+    assert session.idles == 3
+
+
 async def _count_is(app: App, count: int) -> bool:
     return len(await raw_rows(app)) >= count
 
