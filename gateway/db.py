@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -18,15 +20,24 @@ from sqlalchemy.ext.asyncio import (
 
 from gateway import sqlite_inline
 
-_INSERTS: dict[str, Any] = {}
+_INSERTS: dict[tuple[str, str, tuple[str, ...]], Any] = {}
 
 
-def _insert(model: Any) -> Any:
-    """INSERT into `model`'s table as Core, built once (building one cost more than running
-    it); columns left out of the parameters get their defaults, as with the ORM."""
-    stmt = _INSERTS.get(model.__tablename__)
+def _insert(session: AsyncSession, model: Any, ignoring: Sequence[str] = ()) -> Any:
+    """INSERT into `model`'s table as Core, built once per table (building one cost more than
+    running it); columns left out of the parameters get their defaults, as with the ORM.
+    With `ignoring`, a row that conflicts on those columns is skipped (ON CONFLICT DO
+    NOTHING, spelled per dialect)."""
+    dialect = session.get_bind().dialect.name if ignoring else ""
+    key = (model.__tablename__, dialect, tuple(ignoring))
+    stmt = _INSERTS.get(key)
     if stmt is None:
-        stmt = _INSERTS[model.__tablename__] = model.__table__.insert()
+        if ignoring:
+            insert = pg_insert if dialect == "postgresql" else sqlite_insert
+            stmt = insert(model.__table__).on_conflict_do_nothing(index_elements=list(ignoring))
+        else:
+            stmt = model.__table__.insert()
+        _INSERTS[key] = stmt
     return stmt
 
 
@@ -35,17 +46,25 @@ async def insert_row(session: AsyncSession, model: Any, **values: Any) -> int:
     an object: they skip the ORM's object, its unit of work and a flush for the id. (The id
     comes as the ORM gets it: RETURNING where the database has it, else the last row id.)"""
     connection = await session.connection()
-    result = await connection.execute(_insert(model), values)
+    result = await connection.execute(_insert(session, model), values)
     key = result.inserted_primary_key
     assert key is not None  # a single-row INSERT
     return int(key[0])
 
 
-async def insert_rows(session: AsyncSession, model: Any, rows: list[dict[str, Any]]) -> None:
-    """Insert rows (executemany) that nothing in the transaction reads back as objects."""
+async def insert_rows(
+    session: AsyncSession,
+    model: Any,
+    rows: list[dict[str, Any]],
+    *,
+    ignoring_conflicts_on: Sequence[str] = (),
+) -> None:
+    """Insert rows (executemany) that nothing in the transaction reads back as objects: they
+    need only rows that already have ids, so pending ORM changes wait for the next flush
+    instead of getting one of their own."""
     if rows:
         connection = await session.connection()
-        await connection.execute(_insert(model), rows)
+        await connection.execute(_insert(session, model, ignoring_conflicts_on), rows)
 
 
 def is_sqlite(url: str) -> bool:

@@ -13,11 +13,10 @@ from typing import Any
 
 import nh3
 from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.config import Config
+from gateway.db import insert_rows
 from gateway.models import AttachmentRow, Event, Message, Participant, ThreadRef, Ticket
 from parsing.model import Address, Attachment, ParsedMessage
 from parsing.subject import normalise_subject
@@ -132,36 +131,13 @@ async def create_ticket(
     return ticket
 
 
-_IGNORING: dict[tuple[str, str], Any] = {}
-
-
-async def _insert_ignoring(
-    session: AsyncSession, model: Any, rows: list[dict[str, Any]], *, keys: list[str]
-) -> None:
-    """INSERT … ON CONFLICT (keys) DO NOTHING of `rows`, through the session's connection.
-
-    The statement is built once per dialect and table (building one cost more than running
-    it), and runs as Core: the rows need only their ticket's row, which exists once the
-    ticket has an id, so pending ORM changes wait for the next flush instead of getting one
-    of their own."""
-    dialect = session.get_bind().dialect.name
-    stmt = _IGNORING.get((dialect, model.__tablename__))
-    if stmt is None:
-        insert = pg_insert if dialect == "postgresql" else sqlite_insert
-        stmt = insert(model.__table__).on_conflict_do_nothing(index_elements=keys)
-        _IGNORING[dialect, model.__tablename__] = stmt
-    connection = await session.connection()
-    await connection.execute(stmt, rows if len(rows) > 1 else rows[0])
-
-
 async def add_participants(
     session: AsyncSession, ticket: Ticket, people: Iterable[Address], *, role: str
 ) -> None:
     rows = [
         {"ticket_id": ticket.id, "address": p.addr, "name": p.name, "role": role} for p in people
     ]
-    if rows:
-        await _insert_ignoring(session, Participant, rows, keys=["ticket_id", "address"])
+    await insert_rows(session, Participant, rows, ignoring_conflicts_on=["ticket_id", "address"])
 
 
 async def remember_ids(
@@ -174,8 +150,7 @@ async def remember_ids(
         for m in referenced
         if m and m not in stored
     ]
-    if rows:
-        await _insert_ignoring(session, ThreadRef, rows, keys=["message_id", "ticket_id"])
+    await insert_rows(session, ThreadRef, rows, ignoring_conflicts_on=["message_id", "ticket_id"])
 
 
 def sanitise_html(html: str) -> str:
