@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import concurrent.futures.process
+import logging
 import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +22,8 @@ from gateway.intake import setup as intake_setup
 from parsing.mime import Limits, MessageRejected, parse_message
 from parsing.model import ParsedMessage
 from responders.render import Renderer
+
+log = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
@@ -62,6 +65,9 @@ class _Processes:
             return None
         if self._pool is None:
             context = multiprocessing.get_context("forkserver")
+            # Processes fork from a server that has the parser imported already, so a pool
+            # recycled under a bomb is back in milliseconds, not after half a second of imports.
+            context.set_forkserver_preload([__name__])
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 self.workers, mp_context=context, initializer=os.nice, initargs=(self.nice,)
             )
@@ -123,12 +129,72 @@ class Parser:
                 raise
             raise _PoolLost from None
 
+    async def parse_many(self, raws: Sequence[bytes]) -> list[ParsedMessage | BaseException]:
+        """Each message parsed, or the error that refused it, in order.
+
+        The messages go to the processes in chunks: one job per message made the pool's
+        hand-offs, not the parsing, set the pace (each result waits for its feeder threads and
+        then the event loop, both busy with the pipeline). A chunk that fails as a whole (over
+        the deadline, the process lost) is parsed again a message at a time, each with its
+        own deadline, so only the message at fault is refused.
+        """
+        if self.workers <= 0:
+            return await asyncio.gather(*(self.parse(r) for r in raws), return_exceptions=True)
+        chunks = await asyncio.gather(*(self._parse_chunk(c) for c in _chunks(raws)))
+        return [result for chunk in chunks for result in chunk]
+
+    async def _parse_chunk(self, chunk: list[bytes]) -> list[ParsedMessage | BaseException]:
+        if len(chunk) > 1:
+            async with self._slots:
+                loop = asyncio.get_running_loop()
+                pool = self._parsing.get()
+                future = loop.run_in_executor(pool, _parse_all, chunk, self.limits)
+                try:
+                    return await asyncio.wait_for(future, self.timeout)
+                except (TimeoutError, concurrent.futures.process.BrokenProcessPool):
+                    self._parsing.recycle(pool)
+                except asyncio.CancelledError:
+                    if _cancelled_by_caller():
+                        raise
+                except Exception:  # a result that would not pickle, say: one at a time
+                    log.warning("a chunk of %d messages failed to parse whole", len(chunk))
+        return await asyncio.gather(*(self.parse(r) for r in chunk), return_exceptions=True)
+
     def close(self) -> None:
         self._parsing.close()
 
 
+# A chunk is at most this many messages and, past its first, bytes: enough that hand-offs
+# cost little, small enough that a chunk redone one by one costs little.
+CHUNK_MESSAGES = 25
+CHUNK_BYTES = 2 << 20
+
+
+def _chunks(raws: Sequence[bytes]) -> list[list[bytes]]:
+    chunks: list[list[bytes]] = []
+    size = 0
+    for raw in raws:
+        if not chunks or len(chunks[-1]) >= CHUNK_MESSAGES or size + len(raw) > CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(raw)
+        size += len(raw)
+    return chunks
+
+
 def _parse(raw: bytes, limits: Limits) -> ParsedMessage:
     return parse_message(raw, limits=limits)
+
+
+def _parse_all(raws: list[bytes], limits: Limits) -> list[ParsedMessage | BaseException]:
+    """In a parser process: each message's result, its error kept in its place."""
+    results: list[ParsedMessage | BaseException] = []
+    for raw in raws:
+        try:
+            results.append(parse_message(raw, limits=limits))
+        except Exception as exc:
+            results.append(exc)
+    return results
 
 
 @dataclass

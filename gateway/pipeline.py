@@ -435,9 +435,7 @@ Parsed = list[tuple[RawMail, ParsedMessage | BaseException]]
 
 async def _claim_and_parse(app: App, limit: int, *, after: int) -> Parsed:
     rows = await _claim(app, limit, after=after)
-    results = await asyncio.gather(
-        *(app.parser.parse(r.data) for r in rows), return_exceptions=True
-    )
+    results = await app.parser.parse_many([r.data for r in rows])
     return list(zip(rows, results, strict=True))
 
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
-from gateway.app import App, Parser
+from gateway import app as app_module
+from gateway.app import App, Parser, _chunks
 from gateway.models import RawMail
 from gateway.pipeline import process_pending
 from gateway.spool import insert_raw, raw_row
-from parsing.mime import Limits
+from parsing.mime import Limits, MessageRejected
 
 from conftest import deliveries, mail
 
@@ -102,3 +105,71 @@ async def test_the_spool_says_when_it_waits_for_the_write_lock(app: App) -> None
         assert await storing > 0
     finally:
         writer.cancel()
+
+
+BOMB = (Path(__file__).parent / "fixtures" / "hostile" / "mime-bomb-many-parts.eml").read_bytes()
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+async def test_parse_many_answers_each_message_in_its_place(workers: int) -> None:
+    pool = parser(workers)
+    raws = [mail(subject=f"n{n}") if n % 7 else BOMB for n in range(60)]
+    try:
+        results = await pool.parse_many(raws)
+    finally:
+        pool.close()
+    assert len(results) == 60
+    for n, result in enumerate(results):
+        if n % 7:
+            assert not isinstance(result, BaseException) and result.subject == f"n{n}"
+        else:
+            assert isinstance(result, MessageRejected), result
+            assert "more than 500 MIME parts" in str(result)
+
+
+async def test_a_chunk_lost_with_its_process_is_parsed_again_one_by_one() -> None:
+    pool = parser(1)
+    raws = [mail(subject=f"n{n}") for n in range(30)]
+    try:
+        await pool.parse(raws[0])  # the process is up
+        jobs = asyncio.ensure_future(pool.parse_many(raws))
+        processes = pool._parsing.get()
+        # Until the first chunk is in the pool (which has no event to wait on).
+        while not getattr(processes, "_pending_work_items", None):  # noqa: ASYNC110
+            await asyncio.sleep(0)
+        pool._parsing.recycle(processes)  # what a parse deadline does
+        results = await jobs
+    finally:
+        pool.close()
+    assert [r.subject for r in results if not isinstance(r, BaseException)] == [
+        f"n{n}" for n in range(30)
+    ]
+
+
+async def test_a_chunk_over_its_deadline_refuses_only_the_slow_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from test_hostile import base64_attachment
+
+    pool = parser(1)
+    slow, _ = base64_attachment(20 * 1024 * 1024)  # cannot even reach the process in 0.5 s
+    monkeypatch.setattr(app_module, "CHUNK_BYTES", 64 << 20)  # one chunk with the others
+    raws = [mail(subject="a"), slow, mail(subject="b")]
+    assert len(_chunks(raws)) == 1
+    try:
+        await pool.parse(raws[0])  # the process is up
+        pool.timeout = 0.5
+        results = await pool.parse_many(raws)
+    finally:
+        pool.close()
+    assert [getattr(r, "subject", None) for r in results] == ["a", None, "b"]
+    assert "parsing took longer than 0.5 s" in str(results[1])
+
+
+def test_chunks_are_bounded_in_messages_and_bytes() -> None:
+    small, big = b"x" * 1000, b"y" * (3 << 20)
+    sizes = [len(c) for c in _chunks([small] * 60)]
+    assert sizes == [25, 25, 10]
+    chunks = _chunks([small, small, big, small, small])
+    assert [[len(m) for m in c] for c in chunks] == [[1000, 1000], [3 << 20], [1000, 1000]]
+    assert _chunks([]) == []
