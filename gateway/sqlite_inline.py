@@ -16,9 +16,13 @@ running it again is what SQLite's own handler would do.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # A busy lock is tried again after 2 ms, then less and less often, up to every 20 ms: the
 # SMTP spool retries every 2 ms on its own connection, so when both wait, intake goes first.
@@ -111,8 +115,15 @@ class _Opening:
 
 
 class Connection:
-    def __init__(self, conn: sqlite3.Connection, *, lock_wait: float) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        lock_wait: float,
+        checkpointer: _Checkpointer | None = None,
+    ) -> None:
         self._connection: sqlite3.Connection | None = conn
+        self._checkpointer = checkpointer
         self._tx = _Now()
         self.lock_wait = lock_wait
 
@@ -157,6 +168,8 @@ class Connection:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+            if self._checkpointer is not None:
+                self._checkpointer.leave()
 
     async def create_function(self, *args: Any, **kwargs: Any) -> None:
         self._conn.create_function(*args, **kwargs)
@@ -180,6 +193,76 @@ def connector(path: str, *, lock_wait: float) -> Callable[[], Any]:
     async def connect() -> Connection:
         # isolation_level=None: SQLAlchemy issues BEGIN itself. No busy timeout: see above.
         conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
-        return Connection(conn, lock_wait=lock_wait)
+        if path == ":memory:":
+            return Connection(conn, lock_wait=lock_wait)
+        # A commit checkpoints only as a backstop: the checkpointer thread keeps the log short.
+        conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
+        checkpointer = _checkpointer(path)
+        checkpointer.join()
+        return Connection(conn, lock_wait=lock_wait, checkpointer=checkpointer)
 
     return connect
+
+
+# SQLite copies its write-ahead log into the database (a checkpoint, with an fsync of the
+# database file) inside the commit that takes the log past 1,000 pages: on the event loop's
+# thread here, for 20-300 ms every few seconds of steady writing. Inline connections leave
+# that to a thread of their own (sqlite3 lets go of the GIL while SQLite works). A commit
+# still checkpoints once the log is past BACKSTOP_PAGES (16 MB): by then the thread has
+# copied nearly all of it, and only a writer's checkpoint lets the next one start the log
+# over from its beginning, which keeps the file that size.
+CHECKPOINT_SECONDS = 0.25
+BACKSTOP_PAGES = 4000
+
+_checkpointers: dict[str, _Checkpointer] = {}
+_checkpointers_lock = threading.Lock()
+
+
+def _checkpointer(path: str) -> _Checkpointer:
+    with _checkpointers_lock:
+        found = _checkpointers.get(path)
+        if found is None:
+            found = _checkpointers[path] = _Checkpointer(path)
+        return found
+
+
+class _Checkpointer:
+    """Checkpoints one database file from a thread, while inline connections to it are open."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._users = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def join(self) -> None:
+        with self._lock:
+            self._users += 1
+            if self._thread is None:
+                self._stop = threading.Event()
+                self._thread = threading.Thread(
+                    target=self._run, args=(self._stop,), name="sqlite-checkpoint", daemon=True
+                )
+                self._thread.start()
+
+    def leave(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users > 0 or self._thread is None:
+                return
+            thread, self._thread = self._thread, None
+            self._stop.set()
+        thread.join()
+
+    def _run(self, stop: threading.Event) -> None:
+        conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+        try:
+            while not stop.wait(CHECKPOINT_SECONDS):
+                try:
+                    # PASSIVE: copies what it can without waiting for readers or writers.
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # busy with another checkpoint: next time
+                    log.debug("checkpoint of %s skipped: %s", self.path, exc)
+        finally:
+            conn.close()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import struct
+import threading
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
+from gateway import sqlite_inline
 from gateway.db import make_engine, sessionmaker
 
 
@@ -90,3 +93,39 @@ async def test_without_lock_wait_a_busy_database_fails_at_once(tmp_path: Path) -
     finally:
         await engine.dispose()
         await impatient.dispose()
+
+
+def wal_state(shm: Path) -> tuple[int, int]:
+    """The log's frames and how many of them are copied into the database, read from the
+    shared-memory index (`mxFrame`, `nBackfill`) so that asking checkpoints nothing."""
+    data = shm.read_bytes()
+    return struct.unpack_from("=I", data, 16)[0], struct.unpack_from("=I", data, 96)[0]
+
+
+def checkpointers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "sqlite-checkpoint"]
+
+
+async def test_the_log_is_checkpointed_by_a_thread_not_by_the_commit(tmp_path: Path) -> None:
+    engine = make_engine(url(tmp_path), inline=True)
+    sessions = sessionmaker(engine)
+    try:
+        async with sessions() as session, session.begin():
+            await session.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)"))
+        # 2,000 pages: past SQLite's own 1,000, within the backstop, in one commit.
+        rows = [{"v": bytes([n % 256]) * 4000} for n in range(2000)]
+        async with sessions() as session, session.begin():
+            await session.execute(text("INSERT INTO t (v) VALUES (:v)"), rows)
+            autocheckpoint = (await session.execute(text("PRAGMA wal_autocheckpoint"))).scalar()
+        assert autocheckpoint == sqlite_inline.BACKSTOP_PAGES
+        assert len(checkpointers()) == 1  # one for the file, however many connections
+        for _ in range(100):
+            frames, copied = wal_state(tmp_path / "inline.db-shm")
+            if copied == frames:
+                break
+            await asyncio.sleep(sqlite_inline.CHECKPOINT_SECONDS)
+        # Nobody else checkpoints: the commit stayed under the backstop.
+        assert frames > 2000 and copied == frames
+    finally:
+        await engine.dispose()
+    assert checkpointers() == []  # the thread stops with the last connection
