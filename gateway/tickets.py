@@ -215,6 +215,7 @@ async def add_inbound_message(
         created_at=now,
     )
     session.add(message)
+    ticket.updated_at = now  # before the flush: one UPDATE of the ticket, not two
     await session.flush()
     await store_attachments(session, message, parsed.attachments, attachments_dir)
     await remember_ids(
@@ -223,7 +224,6 @@ async def add_inbound_message(
         stored=[parsed.message_id],
         referenced=[*parsed.in_reply_to, *parsed.references],
     )
-    ticket.updated_at = now
     return message
 
 
