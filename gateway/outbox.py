@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, String, bindparam, func, literal, or_, select
+from sqlalchemy import Select, String, bindparam, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.app import App
@@ -166,6 +166,29 @@ async def enqueue(
     await insert_rows(session, Delivery, [{**common, "recipient": r} for r in recipients])
 
 
+def _outcome(result: SendResult | str) -> tuple[str, int, str]:
+    """An attempt's outcome, reply code and reply; a string is a Maildir delivery's name."""
+    if isinstance(result, str):
+        return "sent", 250, result
+    (first,) = result.per_recipient
+    return first.outcome, first.code, first.reply
+
+
+# A sent delivery, recorded for a whole group in one executemany.
+_SENT = (
+    update(Delivery)
+    .where(Delivery.id == bindparam("row"))
+    .values(
+        attempts=Delivery.attempts + 1,
+        claimed_until=None,
+        status="sent",
+        sent_at=bindparam("at"),
+        next_attempt_at=None,
+        last_error="",
+    )
+)
+
+
 def backoff(attempts: int, *, base: float) -> timedelta:
     """Exponential backoff with jitter, capped at four hours."""
     delay = min(base * (2 ** max(attempts - 1, 0)), 4 * 3600)
@@ -240,42 +263,36 @@ class OutboxWorker:
         )
 
     async def _record(self, results: list[tuple[Delivery, SendResult | str]]) -> None:
-        """Record attempts in one transaction: results that finish together share a commit."""
+        """Record attempts in one transaction: results that finish together share a commit.
+
+        Sent mail (nearly all of it) is two statements for the whole group; a failure needs
+        its row's attempts and deadline, so it is loaded and worked out one by one."""
         now = self.app.clock()
+        told = [(row, *_outcome(result)) for row, result in results]
         async with self.app.sessions() as session, session.begin():
-            ids = [row.id for row, _ in results]
-            query = select(Delivery).where(Delivery.id.in_(ids))
-            live_rows = {d.id: d for d in (await session.execute(query)).scalars()}
-            outcomes = [
-                (row, self._apply(session, live, result, now=now))
-                for row, result in results
-                if (live := live_rows.get(row.id)) is not None
+            attempts = [
+                {"delivery_id": row.id, "at": now, "outcome": o, "code": c, "reply": r[:2000]}
+                for row, o, c, r in told
             ]
-        for row, outcome in outcomes:
+            await insert_rows(session, DeliveryAttempt, attempts)
+            sent = [{"row": row.id, "at": now} for row, outcome, _, _ in told if outcome == "sent"]
+            if sent:
+                await (await session.connection()).execute(_SENT, sent)
+            failed = {row.id: (o, c, r) for row, o, c, r in told if o != "sent"}
+            if failed:
+                query = select(Delivery).where(Delivery.id.in_(failed))
+                for live in (await session.execute(query)).scalars():
+                    self._failed(live, *failed[live.id], now=now)
+        for row, outcome, _, _ in told:
             log.info("delivery %s to %s: %s", row.id, row.kind, outcome)
 
-    def _apply(
-        self, session: AsyncSession, live: Delivery, result: SendResult | str, *, now: datetime
-    ) -> str:
-        """Record one attempt on its delivery row; returns the outcome."""
+    def _failed(
+        self, live: Delivery, outcome: str, code: int, reply: str, *, now: datetime
+    ) -> None:
+        """An attempt that did not deliver, on its row: retried later, or given up."""
         live.attempts += 1
         live.claimed_until = None
-        if isinstance(result, str):
-            outcome, code, reply = "sent", 250, result
-        else:
-            (first,) = result.per_recipient
-            outcome, code, reply = first.outcome, first.code, first.reply
-        session.add(
-            DeliveryAttempt(
-                delivery_id=live.id, at=now, outcome=outcome, code=code, reply=reply[:2000]
-            )
-        )
-        if outcome == "sent":
-            live.status = "sent"
-            live.sent_at = now
-            live.next_attempt_at = None
-            live.last_error = ""
-        elif outcome == "permanent":
+        if outcome == "permanent":
             live.status = "failed"
             live.next_attempt_at = None
             live.last_error = f"{code} {reply}"[:2000]
@@ -291,7 +308,6 @@ class OutboxWorker:
             else:
                 live.status = "deferred"
                 live.next_attempt_at = retry_at
-        return outcome
 
     async def _deliver(self, row: Delivery, done: asyncio.Queue[_Result]) -> None:
         """Send one row and hand its result to the recorder at once."""
