@@ -27,6 +27,7 @@ import mailgen
 from common import SECRET, free_port, upgrade, write_config
 from sqlalchemy import event
 
+from gateway import db as gateway_db
 from gateway.app import build_app
 from gateway.config import load
 from gateway.pipeline import process_pending
@@ -107,6 +108,20 @@ async def run(args: argparse.Namespace) -> None:
         entry = sql[" ".join(statement.split())[:150]]
         entry[0] += 1
         entry[1] += time.perf_counter() - started.pop(id(cursor), time.perf_counter())
+
+    # INSERTs that `gateway.db` runs on SQLite's own cursor skip SQLAlchemy's events.
+    raw_run = gateway_db._RawInsert.run
+
+    async def timed_run(self: Any, inline: Any, rows: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return await raw_run(self, inline, rows)
+        finally:
+            entry = sql["(sqlite3) " + " ".join(self.sql.split())[:140]]
+            entry[0] += 1
+            entry[1] += time.perf_counter() - began
+
+    gateway_db._RawInsert.run = timed_run  # type: ignore[method-assign]
 
     commits = [0, 0.0]
     commit_started: list[float] = [0.0]

@@ -151,6 +151,10 @@ class Connection:
     def cursor(self) -> _Opening:
         return _Opening(self)
 
+    def raw_cursor(self) -> sqlite3.Cursor:
+        """sqlite3's own cursor, for statements run without SQLAlchemy (`db.insert_rows`)."""
+        return self._conn.cursor()
+
     async def execute(self, sql: str, parameters: Sequence[Any] | None = None) -> Cursor:
         cursor = Cursor(self, self._conn.cursor())
         return await cursor.execute(sql, parameters)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import struct
 import threading
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from gateway import sqlite_inline
+from gateway import db, sqlite_inline
 from gateway.db import make_engine, sessionmaker
 
 
@@ -129,3 +130,78 @@ async def test_the_log_is_checkpointed_by_a_thread_not_by_the_commit(tmp_path: P
     finally:
         await engine.dispose()
     assert checkpointers() == []  # the thread stops with the last connection
+
+
+async def test_inserts_on_sqlites_own_cursor_store_what_sqlalchemy_stores(tmp_path: Path) -> None:
+    """`insert_row(s)` skip SQLAlchemy's execution on an inline connection: rows written that
+    way and SQLAlchemy's way (an aiosqlite engine) are the same, byte for byte, defaults
+    included; and a constraint error comes out as SQLAlchemy's."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy.exc import IntegrityError
+
+    from gateway.db import insert_row, insert_rows, upgrade
+    from gateway.models import Delivery, DeliveryAttempt, Message, Participant, ThreadRef, Ticket
+
+    now = datetime(2026, 11, 23, 3, 4, 5, 678901, tzinfo=UTC)
+
+    async def write(name: str, *, inline: bool) -> Path:
+        path = tmp_path / f"{name}.db"
+        await asyncio.to_thread(upgrade, f"sqlite+aiosqlite:///{path}")
+        engine = make_engine(f"sqlite+aiosqlite:///{path}", inline=inline)
+        try:
+            async with sessionmaker(engine)() as session, session.begin():
+                ticket = Ticket(
+                    ref="SG-1", queue="support", mailbox="support@example.com", status="new",
+                    priority="normal", subject="s", requester="j@c.org", created_at=now,
+                    updated_at=now,
+                )  # fmt: skip
+                session.add(ticket)
+                await session.flush()
+                out = await insert_row(
+                    session, Message, ticket_id=ticket.id, raw_id=None, direction="out",
+                    kind="auto", classification="acknowledgement", message_id="sg.1@x",
+                    from_addr="support@example.com", from_name="Sü Pport", to_addrs=["a@b.c"],
+                    subject="Re: ü", text="t\r\n", new_text="n", author="", threaded_by="new",
+                    created_at=now,
+                )  # fmt: skip
+                assert out == 1
+                refs = [
+                    {"message_id": m, "ticket_id": ticket.id, "stored": s}
+                    for m, s in (("a@x", True), ("b@x", False), ("a@x", False))
+                ]
+                on = ["message_id", "ticket_id"]
+                await insert_rows(session, ThreadRef, refs, ignoring_conflicts_on=on)
+                await insert_rows(session, ThreadRef, refs[:1], ignoring_conflicts_on=on)
+                people = [{"ticket_id": ticket.id, "address": "j@c.org", "role": "requester"}]
+                on = ["ticket_id", "address"]
+                await insert_rows(session, Participant, people * 2, ignoring_conflicts_on=on)
+                rows = [
+                    {
+                        "ticket_id": ticket.id, "message_row": out, "kind": "acknowledgement",
+                        "automatic": automatic, "message_id": "sg.1@x", "mail_from": "",
+                        "data": b"\x00\xffmail", "status": "queued", "attempts": 0,
+                        "last_error": "", "created_at": now, "next_attempt_at": due,
+                        "deadline_at": now + timedelta(days=2), "recipient": recipient,
+                    }
+                    for automatic, due, recipient in ((True, now, "a@b.c"), (False, None, "d@e.f"))
+                ]  # fmt: skip
+                await insert_rows(session, Delivery, rows)
+                attempt = {"delivery_id": 1, "at": now, "outcome": "sent"}
+                await insert_rows(session, DeliveryAttempt, [attempt])  # defaults for the rest
+                with pytest.raises(IntegrityError):
+                    await insert_rows(session, DeliveryAttempt, [{**attempt, "delivery_id": 99}])
+        finally:
+            await engine.dispose()
+        return path
+
+    ours, theirs = await write("inline", inline=True), await write("aiosqlite", inline=False)
+    tables = ["message", "thread_ref", "participant", "delivery", "delivery_attempt"]
+    ran_raw = {table for (table, *_), raw in db._RAW_INSERTS.items() if raw is not None}
+    assert ran_raw >= set(tables)  # the inline writes went SQLite's own way
+    for table in tables:
+        with sqlite3.connect(ours) as a, sqlite3.connect(theirs) as b:
+            query = f"SELECT * FROM {table} ORDER BY id"
+            mine, reference = a.execute(query).fetchall(), b.execute(query).fetchall()
+        assert mine == reference, table
+        assert mine, table
