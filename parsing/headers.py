@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from email.errors import HeaderParseError
+from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.utils import getaddresses
 
@@ -50,7 +50,9 @@ def decode_words(value: str) -> str:
     value = value[:MAX_DECODED]
     try:
         return str(make_header(decode_header(value)))
-    except (LookupError, UnicodeError, ValueError, AssertionError, HeaderParseError):
+    except (LookupError, UnicodeError, ValueError, AssertionError, MessageError):
+        # MessageError: HeaderParseError, and CharsetError for a charset name that is not
+        # ASCII (`=?\xff\xfeiso-8859-15?Q?…?=`, found by the fuzz test).
         return value
 
 

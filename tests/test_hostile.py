@@ -290,6 +290,17 @@ async def test_a_subject_with_bad_base64_still_makes_a_ticket(app: App) -> None:
     assert (await raw_row(app, raw_id)).state == "processed"
 
 
+def test_an_encoded_word_with_a_charset_name_that_is_not_ascii_is_kept_raw() -> None:
+    # Found by test_fuzz: the stdlib raises CharsetError (not a UnicodeError) for it.
+    raw = (
+        b"From: j@customer.org\r\nTo: =?\xff\xfeiso-8859-15?Q?shironeko?= <s@example.com>\r\n"
+        b"Subject: =?\xfeutf-8?Q?hello?=\r\nMessage-ID: <cs@customer.org>\r\n\r\nhi\r\n"
+    )
+    parsed = parse_message(raw)
+    assert [a.addr for a in parsed.to] == ["s@example.com"]
+    assert "hello" in parsed.subject
+
+
 def test_an_attachment_name_with_a_bad_encoded_word_parses() -> None:
     parsed = parse_message(fixture("attachment-name-bad-base64-word.eml"))
     (attachment,) = parsed.attachments
