@@ -109,8 +109,8 @@ async def run(args: argparse.Namespace) -> None:
         entry[0] += 1
         entry[1] += time.perf_counter() - started.pop(id(cursor), time.perf_counter())
 
-    # INSERTs that `gateway.db` runs on SQLite's own cursor skip SQLAlchemy's events.
-    raw_run = gateway_db._RawInsert.run
+    # Statements that `gateway.db` runs on SQLite's own cursor skip SQLAlchemy's events.
+    raw_run = gateway_db._Raw.run
 
     async def timed_run(self: Any, inline: Any, rows: Any) -> Any:
         began = time.perf_counter()
@@ -121,7 +121,7 @@ async def run(args: argparse.Namespace) -> None:
             entry[0] += 1
             entry[1] += time.perf_counter() - began
 
-    gateway_db._RawInsert.run = timed_run  # type: ignore[method-assign]
+    gateway_db._Raw.run = timed_run  # type: ignore[method-assign]
 
     commits = [0, 0.0]
     commit_started: list[float] = [0.0]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway import db
 from gateway.config import Config
 from gateway.models import Message, Participant, ThreadRef, Ticket
 from parsing.model import ParsedMessage
@@ -67,8 +68,7 @@ async def _ticket_by_message_id(session: AsyncSession, config: Config, mid: str)
         ticket = await _ticket_by_ref(session, ref)
         if ticket is not None:
             return ticket
-    connection = await session.connection()
-    ticket_id = (await connection.execute(_BY_THREAD_ID, {"mid": mid})).scalar()
+    ticket_id = await db.scalar(session, _BY_THREAD_ID, {"mid": mid})
     return None if ticket_id is None else await session.get(Ticket, ticket_id)
 
 
@@ -143,6 +143,5 @@ async def _match(
 async def find_duplicate(session: AsyncSession, parsed: ParsedMessage) -> Message | None:
     """A stored inbound message with the same Message-ID and the same content."""
     params = {"mid": parsed.message_id, "hash": parsed.content_hash}
-    connection = await session.connection()
-    found = (await connection.execute(_DUPLICATE, params)).scalar()
+    found = await db.scalar(session, _DUPLICATE, params)
     return None if found is None else await session.get(Message, found)

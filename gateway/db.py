@@ -82,27 +82,28 @@ async def insert_rows(
     await connection.execute(_insert(session, model, ignoring_conflicts_on), rows)
 
 
-# -- the same INSERTs run on SQLite's own cursor ------------------------------------------------
+# -- statements run on SQLite's own cursor -----------------------------------------------------
 #
 # SQLAlchemy's execution path (execution context, parameter processing, result object, the
-# greenlet hops of its asyncio layer) costs more than SQLite takes to insert the row: about
-# 60 µs of ~75 µs for a thread_ref row. On an inline connection (the pipeline's, on the event
-# loop's thread) `insert_row` and `insert_rows` run the statement SQLAlchemy compiled for the
-# same columns, with the same bind processors and Python-side defaults, on the cursor of the
-# connection the session's transaction holds. A test writes rows both ways and compares them.
+# greenlet hops of its asyncio layer) costs more than SQLite takes to run the statements the
+# pipeline runs most: about 60 µs of ~75 µs for a thread_ref row. On an inline connection (the
+# pipeline's, on the event loop's thread) `insert_row`, `insert_rows`, `scalar` and `execute`
+# run the SQL SQLAlchemy compiles for the same statement and keys, with the same bind
+# processors and Python-side defaults, on the cursor of the connection the session's
+# transaction holds. A test writes rows both ways and compares them.
 
 
 @dataclass(frozen=True, slots=True)
-class _RawInsert:
+class _Raw:
     sql: str
-    # Per positional parameter: the key it reads, its type's bind processor, and the column's
-    # default for a key the rows leave out (as ColumnDefault; None when a key gives it).
-    binds: tuple[tuple[str, Callable[[Any], Any] | None, Any], ...]
+    # Per positional parameter: the key it reads, its type's bind processor, and what fills
+    # it when the parameters leave it out (a column default, a LIMIT's number); None: given.
+    binds: tuple[tuple[str, Callable[[Any], Any] | None, Callable[[], Any] | None], ...]
 
     def values(self, row: Mapping[str, Any]) -> tuple[Any, ...]:
         out = []
-        for key, process, default in self.binds:
-            value = row[key] if default is None else _default(default)
+        for key, process, fill in self.binds:
+            value = row[key] if fill is None else fill()
             out.append(value if process is None else process(value))
         return tuple(out)
 
@@ -119,37 +120,102 @@ class _RawInsert:
         return cursor
 
 
-def _default(default: Any) -> Any:
-    return default.arg(None) if default.is_callable else default.arg
+def _constant(value: Any) -> Callable[[], Any]:
+    return lambda: value
 
 
-_RAW_INSERTS: dict[tuple[str, tuple[str, ...], tuple[str, ...]], _RawInsert | None] = {}
+def _column_default(default: Any) -> Callable[[], Any] | None:
+    """A Python-side column default as a function of nothing; None for any other kind."""
+    if default is None:
+        return None
+    if default.is_callable:
+        return lambda: default.arg(None)
+    if default.is_scalar:
+        return _constant(default.arg)
+    return None
+
+
+# By statement (kept with it, so its id is never another's) and parameter keys.
+_RAW: dict[tuple[Any, ...], tuple[Any, _Raw | None]] = {}
+
+
+def _compile_raw(
+    session: AsyncSession, statement: Any, keys: tuple[str, ...], *, cache_key: tuple[Any, ...]
+) -> _Raw | None:
+    """`statement` for parameters with `keys` as SQLite SQL, compiled once per cache key; None
+    where it cannot be run outside SQLAlchemy (a default made by the database's own SQL, a
+    result that needs converting), and the caller goes SQLAlchemy's way."""
+    cached = _RAW.get(cache_key)
+    if cached is not None and cached[0] is statement:
+        return cached[1]
+    dialect = session.get_bind().dialect
+    compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+    raw = _raw_of(compiled, statement, keys, dialect)
+    _RAW[cache_key] = (statement, raw)
+    return raw
+
+
+def _raw_of(compiled: Any, statement: Any, keys: tuple[str, ...], dialect: Any) -> _Raw | None:
+    processors = getattr(compiled, "_bind_processors", None)
+    positions = getattr(compiled, "positiontup", None)
+    params = getattr(compiled, "binds", None)
+    if processors is None or positions is None or params is None:
+        return None
+    if getattr(compiled, "postfetch", None):  # a value the database makes, to read back
+        return None
+    selected = getattr(statement, "selected_columns", ())
+    if any(c.type.result_processor(dialect, None) is not None for c in selected):
+        return None
+    defaults = {c.key: c.default for c in getattr(compiled, "insert_prefetch", ())}
+    binds = []
+    for name in positions:
+        fill: Callable[[], Any] | None = None
+        if name in defaults:  # a column the keys leave out, with a default made in Python
+            fill = _column_default(defaults[name])
+            if fill is None:
+                return None
+        elif name not in keys:  # the statement's own value (a LIMIT's, say), if it has one
+            bind = params.get(name)
+            if bind is None or bind.required:
+                return None
+            fill = _constant(bind.effective_value)
+        binds.append((name, processors.get(name), fill))
+    return _Raw(compiled.string, tuple(binds))
 
 
 def _raw_insert(
     session: AsyncSession, model: Any, ignoring: Sequence[str], row: Mapping[str, Any]
-) -> _RawInsert | None:
-    """The INSERT of `row`'s keys into `model`'s table as SQLite SQL, compiled once per key
-    set; None where it cannot be run outside SQLAlchemy (a default made by the database's
-    own SQL, say), and the caller goes SQLAlchemy's way."""
-    key = (model.__tablename__, tuple(ignoring), tuple(row))
-    if key in _RAW_INSERTS:
-        return _RAW_INSERTS[key]
-    dialect = session.get_bind().dialect
-    compiled = _insert(session, model, ignoring).compile(dialect=dialect, column_keys=list(row))
-    processors = getattr(compiled, "_bind_processors", None)
-    prefetch = {c.key: c.default for c in getattr(compiled, "insert_prefetch", ())}
-    positions = getattr(compiled, "positiontup", None)
-    raw: _RawInsert | None = None
-    if processors is not None and positions is not None and not compiled.postfetch:
-        binds = [(name, processors.get(name), prefetch.get(name)) for name in positions]
-        if all(
-            name in row or (d is not None and (d.is_scalar or d.is_callable))
-            for name, _, d in binds
-        ):
-            raw = _RawInsert(compiled.string, tuple(binds))
-    _RAW_INSERTS[key] = raw
-    return raw
+) -> _Raw | None:
+    keys = tuple(row)
+    key = ("insert", model.__tablename__, tuple(ignoring), keys)
+    return _compile_raw(session, _insert(session, model, ignoring), keys, cache_key=key)
+
+
+async def scalar(session: AsyncSession, statement: Any, params: Mapping[str, Any]) -> Any:
+    """The first column of the first row `statement` (built once, kept) returns, or None;
+    it reads rows as they are in the database, with no autoflush of pending ORM changes."""
+    connection = await session.connection()
+    inline = await _inline(connection)
+    if inline is not None:
+        keys = tuple(params)
+        raw = _compile_raw(session, statement, keys, cache_key=(id(statement), keys))
+        if raw is not None:
+            row = (await raw.run(inline, [params])).fetchone()
+            return None if row is None else row[0]
+    return (await connection.execute(statement, params)).scalar()
+
+
+async def execute(session: AsyncSession, statement: Any, params: Mapping[str, Any]) -> None:
+    """Run `statement` (built once, kept: an UPDATE, say) with no autoflush."""
+    connection = await session.connection()
+    inline = await _inline(connection)
+    if inline is not None:
+        keys = tuple(params)
+        raw = _compile_raw(session, statement, keys, cache_key=(id(statement), keys))
+        if raw is not None:
+            await raw.run(inline, [params])
+            return
+    await connection.execute(statement, params)
 
 
 async def _inline(connection: AsyncConnection) -> sqlite_inline.Connection | None:

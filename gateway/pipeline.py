@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import bindparam, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway import agents, bounces, forwards, timers
+from gateway import agents, bounces, db, forwards, timers
 from gateway.app import App
 from gateway.classify import Classification, classify
 from gateway.correlate import Thread, find_duplicate, find_thread
@@ -316,14 +316,13 @@ async def _process_in(
     """The steps over `raw` (as claimed: its columns never change but its state), once its
     state is re-read under the lock; the row itself (and its blob) is not loaded again."""
     # Locked for the transaction: two processes never handle the same message.
-    connection = await session.connection()
-    live = (await connection.execute(_STATE, {"raw": raw.id})).scalar()
+    live = await db.scalar(session, _STATE, {"raw": raw.id})
     if live != "received":
         return live or "missing"
     work = Work(raw=raw, parsed=parsed, now=now, dkim=dkim)
     state, note = await _run_steps(session, app, work)
     values = {"raw": raw.id, "new_state": state, "at": now, "why": note[:2000]}
-    await connection.execute(_DONE, values)
+    await db.execute(session, _DONE, values)
     return state
 
 

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.exc import OperationalError
 
 from gateway import db, sqlite_inline
@@ -144,6 +144,13 @@ async def test_inserts_on_sqlites_own_cursor_store_what_sqlalchemy_stores(tmp_pa
     from gateway.models import Delivery, DeliveryAttempt, Message, Participant, ThreadRef, Ticket
 
     now = datetime(2026, 11, 23, 3, 4, 5, 678901, tzinfo=UTC)
+    when = bindparam("at")
+    RESCHEDULE = (
+        update(Delivery).where(Delivery.id == bindparam("row")).values(next_attempt_at=when)
+    )
+    DELIVERY_TO = (
+        select(Delivery.id).where(Delivery.recipient == bindparam("who")).order_by(Delivery.id)
+    ).limit(1)
 
     async def write(name: str, *, inline: bool) -> Path:
         path = tmp_path / f"{name}.db"
@@ -191,13 +198,18 @@ async def test_inserts_on_sqlites_own_cursor_store_what_sqlalchemy_stores(tmp_pa
                 await insert_rows(session, DeliveryAttempt, [attempt])  # defaults for the rest
                 with pytest.raises(IntegrityError):
                     await insert_rows(session, DeliveryAttempt, [{**attempt, "delivery_id": 99}])
+                # A prebuilt UPDATE with a timestamp, and a SELECT with its own LIMIT.
+                await db.execute(session, RESCHEDULE, {"row": 2, "at": now + timedelta(hours=1)})
+                found = {"who": "d@e.f"}
+                assert await db.scalar(session, DELIVERY_TO, found) == 2
+                assert await db.scalar(session, DELIVERY_TO, {"who": "nobody@e.f"}) is None
         finally:
             await engine.dispose()
         return path
 
     ours, theirs = await write("inline", inline=True), await write("aiosqlite", inline=False)
     tables = ["message", "thread_ref", "participant", "delivery", "delivery_attempt"]
-    ran_raw = {table for (table, *_), raw in db._RAW_INSERTS.items() if raw is not None}
+    ran_raw = {key[1] for key, (_, raw) in db._RAW.items() if key[0] == "insert" and raw}
     assert ran_raw >= set(tables)  # the inline writes went SQLite's own way
     for table in tables:
         with sqlite3.connect(ours) as a, sqlite3.connect(theirs) as b:
