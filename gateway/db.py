@@ -194,28 +194,29 @@ def _raw_insert(
 async def scalar(session: AsyncSession, statement: Any, params: Mapping[str, Any]) -> Any:
     """The first column of the first row `statement` (built once, kept) returns, or None;
     it reads rows as they are in the database, with no autoflush of pending ORM changes."""
-    connection = await session.connection()
-    inline = await _inline(connection)
-    if inline is not None:
-        keys = tuple(params)
-        raw = _compile_raw(session, statement, keys, cache_key=(id(statement), keys))
-        if raw is not None:
-            row = (await raw.run(inline, [params])).fetchone()
-            return None if row is None else row[0]
-    return (await connection.execute(statement, params)).scalar()
+    result = await _run(session, statement, params)
+    if isinstance(result, sqlite3.Cursor):
+        row = result.fetchone()
+        return None if row is None else row[0]
+    return result.scalar()
 
 
 async def execute(session: AsyncSession, statement: Any, params: Mapping[str, Any]) -> None:
     """Run `statement` (built once, kept: an UPDATE, say) with no autoflush."""
+    await _run(session, statement, params)
+
+
+async def _run(session: AsyncSession, statement: Any, params: Mapping[str, Any]) -> Any:
+    """sqlite3's cursor after running `statement` on an inline connection, else SQLAlchemy's
+    result."""
     connection = await session.connection()
     inline = await _inline(connection)
     if inline is not None:
         keys = tuple(params)
         raw = _compile_raw(session, statement, keys, cache_key=(id(statement), keys))
         if raw is not None:
-            await raw.run(inline, [params])
-            return
-    await connection.execute(statement, params)
+            return await raw.run(inline, [params])
+    return await connection.execute(statement, params)
 
 
 async def _inline(connection: AsyncConnection) -> sqlite_inline.Connection | None:
