@@ -86,7 +86,8 @@ async def insert_rows(
 #
 # SQLAlchemy's execution path (execution context, parameter processing, result object, the
 # greenlet hops of its asyncio layer) costs more than SQLite takes to run the statements the
-# pipeline runs most: about 60 µs of ~75 µs for a thread_ref row. On an inline connection (the
+# pipeline runs most: a thread_ref row took 43 µs that way and takes 21 µs this way (timed by
+# bench/profile_process.py, around the statement alone). On an inline connection (the
 # pipeline's, on the event loop's thread) `insert_row`, `insert_rows`, `scalar` and `execute`
 # run the SQL SQLAlchemy compiles for the same statement and keys, with the same bind
 # processors and Python-side defaults, on the cursor of the connection the session's
@@ -220,11 +221,17 @@ async def _run(session: AsyncSession, statement: Any, params: Mapping[str, Any])
 
 
 async def _inline(connection: AsyncConnection) -> sqlite_inline.Connection | None:
-    """The inline SQLite connection under `connection`, if that is what it is."""
+    """The inline SQLite connection under `connection`, if that is what it is. Kept in the
+    pooled connection's `info`, which SQLAlchemy empties whenever it connects anew."""
     if connection.dialect.name != "sqlite":
         return None
-    driver = (await connection.get_raw_connection()).driver_connection
-    return driver if isinstance(driver, sqlite_inline.Connection) else None
+    info = connection.info
+    if "sqlite_inline" not in info:
+        driver = (await connection.get_raw_connection()).driver_connection
+        inline = driver if isinstance(driver, sqlite_inline.Connection) else None
+        info["sqlite_inline"] = inline
+    found: sqlite_inline.Connection | None = info["sqlite_inline"]
+    return found
 
 
 def is_sqlite(url: str) -> bool:
