@@ -19,7 +19,6 @@ from gateway.config import Config
 from gateway.db import make_engine, sessionmaker
 from gateway.intake import intake_url
 from gateway.intake import setup as intake_setup
-from gateway.tickets import save_attachment_bytes
 from parsing.mime import Limits, MessageRejected, parse_message
 from parsing.model import ParsedMessage
 from responders.render import Renderer
@@ -92,20 +91,12 @@ class _Processes:
 
 
 class Parser:
-    """Parses in worker processes (the second core) with a deadline per message.
+    """Parses in worker processes (the second core) with a deadline per message."""
 
-    With `attachments`, the processes also write each attachment into that content-addressed
-    store, so the pipeline finds the file there and only names it: the write and its fsync
-    happen on the second core, a batch ahead, not on the event loop.
-    """
-
-    def __init__(
-        self, *, workers: int, timeout: float, limits: Limits, attachments: Path | None = None
-    ) -> None:
+    def __init__(self, *, workers: int, timeout: float, limits: Limits) -> None:
         self.workers = workers
         self.timeout = timeout
         self.limits = limits
-        self.attachments = attachments
         self._parsing = _Processes(workers, nice=PARSE_NICE)
         # No more parses in flight than processes: the deadline then times the parse, not
         # its wait in the pool's queue, and a recycle loses only messages being parsed.
@@ -122,7 +113,7 @@ class Parser:
     async def _parse_once(self, raw: bytes, *, last_try: bool = False) -> ParsedMessage:
         loop = asyncio.get_running_loop()
         pool = self._parsing.get()
-        future = loop.run_in_executor(pool, _parse, raw, self.limits, self.attachments)
+        future = loop.run_in_executor(pool, _parse, raw, self.limits)
         try:
             return await asyncio.wait_for(future, self.timeout)
         except TimeoutError:
@@ -157,9 +148,7 @@ class Parser:
             async with self._slots:
                 loop = asyncio.get_running_loop()
                 pool = self._parsing.get()
-                future = loop.run_in_executor(
-                    pool, _parse_all, chunk, self.limits, self.attachments
-                )
+                future = loop.run_in_executor(pool, _parse_all, chunk, self.limits)
                 try:
                     return await asyncio.wait_for(future, self.timeout)
                 except (TimeoutError, concurrent.futures.process.BrokenProcessPool):
@@ -193,22 +182,16 @@ def _chunks(raws: Sequence[bytes]) -> list[list[bytes]]:
     return chunks
 
 
-def _parse(raw: bytes, limits: Limits, attachments: Path | None = None) -> ParsedMessage:
-    parsed = parse_message(raw, limits=limits)
-    if attachments is not None:
-        for item in parsed.attachments:
-            save_attachment_bytes(attachments, item.data)
-    return parsed
+def _parse(raw: bytes, limits: Limits) -> ParsedMessage:
+    return parse_message(raw, limits=limits)
 
 
-def _parse_all(
-    raws: list[bytes], limits: Limits, attachments: Path | None = None
-) -> list[ParsedMessage | BaseException]:
+def _parse_all(raws: list[bytes], limits: Limits) -> list[ParsedMessage | BaseException]:
     """In a parser process: each message's result, its error kept in its place."""
     results: list[ParsedMessage | BaseException] = []
     for raw in raws:
         try:
-            results.append(_parse(raw, limits, attachments))
+            results.append(parse_message(raw, limits=limits))
         except Exception as exc:
             results.append(exc)
     return results
@@ -252,7 +235,7 @@ class App:
 
     @property
     def attachments_dir(self) -> Path:
-        return attachments_dir(self.config)
+        return self.config.data_dir / "attachments"
 
     @property
     def maildir(self) -> Path:
@@ -265,11 +248,6 @@ class App:
         await self.intake_engine.dispose()
         if self.intake_file:
             await self.intake_reader_engine.dispose()
-
-
-def attachments_dir(config: Config) -> Path:
-    """Where attachments are stored, each named by its sha256."""
-    return config.data_dir / "attachments"
 
 
 def build_app(
@@ -306,10 +284,7 @@ def build_app(
         intake_file=side_file is not None,
         renderer=Renderer(templates),
         parser=Parser(
-            workers=workers,
-            timeout=config.pipeline.parse_timeout_seconds,
-            limits=limits,
-            attachments=attachments_dir(config),
+            workers=workers, timeout=config.pipeline.parse_timeout_seconds, limits=limits
         ),
         clock=clock,
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -174,26 +173,3 @@ def test_chunks_are_bounded_in_messages_and_bytes() -> None:
     chunks = _chunks([small, small, big, small, small])
     assert [[len(m) for m in c] for c in chunks] == [[1000, 1000], [3 << 20], [1000, 1000]]
     assert _chunks([]) == []
-
-
-@pytest.mark.parametrize("workers", [0, 1])
-async def test_the_parser_stores_attachments_before_the_pipeline_names_them(
-    tmp_path: Path, workers: int
-) -> None:
-    from test_hostile import base64_attachment
-
-    pool = Parser(workers=workers, timeout=20.0, limits=Limits(), attachments=tmp_path)
-    (one, first), (two, second) = base64_attachment(3000), base64_attachment(6000)
-    try:
-        alone = await pool.parse(one)  # one message: a job of its own
-        chunked = await pool.parse_many([one, two])  # a chunk
-    finally:
-        pool.close()
-    assert [a.data for a in alone.attachments] == [first]
-    assert [a.data for r in chunked if not isinstance(r, BaseException) for a in r.attachments] == [
-        first,
-        second,
-    ]
-    for data in (first, second):
-        digest = hashlib.sha256(data).hexdigest()
-        assert (tmp_path / digest[:2] / digest).read_bytes() == data
