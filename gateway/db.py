@@ -53,7 +53,8 @@ async def insert_row(session: AsyncSession, model: Any, **values: Any) -> int:
     inline = await _inline(connection)
     if inline is not None and (raw := _raw_insert(session, model, (), values)) is not None:
         cursor = await raw.run(inline, [values])
-        return int(cursor.lastrowid or 0)
+        assert cursor.lastrowid is not None  # every table here has an integer rowid key
+        return int(cursor.lastrowid)
     result = await connection.execute(_insert(session, model), values)
     key = result.inserted_primary_key
     assert key is not None  # a single-row INSERT
@@ -162,10 +163,13 @@ def _raw_of(compiled: Any, statement: Any, keys: tuple[str, ...], dialect: Any) 
     params = getattr(compiled, "binds", None)
     if processors is None or positions is None or params is None:
         return None
-    if getattr(compiled, "postfetch", None):  # a value the database makes, to read back
-        return None
+    # Left to SQLAlchemy: a value the database makes, to read back; an onupdate made in
+    # Python; an IN list or a value rendered when run; a result that needs converting.
+    for later in ("postfetch", "update_prefetch", "post_compile_params", "literal_execute_params"):
+        if getattr(compiled, later, None):
+            return None
     selected = getattr(statement, "selected_columns", ())
-    if any(c.type.result_processor(dialect, None) is not None for c in selected):
+    if any(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in selected):
         return None
     defaults = {c.key: c.default for c in getattr(compiled, "insert_prefetch", ())}
     binds = []
@@ -177,7 +181,7 @@ def _raw_of(compiled: Any, statement: Any, keys: tuple[str, ...], dialect: Any) 
                 return None
         elif name not in keys:  # the statement's own value (a LIMIT's, say), if it has one
             bind = params.get(name)
-            if bind is None or bind.required:
+            if bind is None or bind.required or bind.callable is not None:
                 return None
             fill = _constant(bind.effective_value)
         binds.append((name, processors.get(name), fill))

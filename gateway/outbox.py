@@ -280,7 +280,7 @@ class OutboxWorker:
                 await (await session.connection()).execute(_SENT, sent)
             failed = {row.id: (o, c, r) for row, o, c, r in told if o != "sent"}
             if failed:
-                query = select(Delivery).where(Delivery.id.in_(failed))
+                query = select(Delivery).where(Delivery.id.in_(list(failed)))
                 for live in (await session.execute(query)).scalars():
                     self._failed(live, *failed[live.id], now=now)
         for row, outcome, _, _ in told:

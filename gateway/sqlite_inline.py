@@ -212,9 +212,11 @@ def connector(path: str, *, lock_wait: float) -> Callable[[], Any]:
 # database file) inside the commit that takes the log past 1,000 pages: on the event loop's
 # thread here, for 20-300 ms every few seconds of steady writing. Inline connections leave
 # that to a thread of their own (sqlite3 lets go of the GIL while SQLite works). A commit
-# still checkpoints once the log is past BACKSTOP_PAGES (16 MB): by then the thread has
-# copied nearly all of it, and only a writer's checkpoint lets the next one start the log
-# over from its beginning, which keeps the file that size.
+# still checkpoints once the log is past BACKSTOP_PAGES (16 MB). The log starts over from its
+# beginning only after a checkpoint that caught up with the last commit: under steady writing
+# the thread's seldom do, the writer's (right after its own commit) does, and by then the
+# thread has copied nearly all of it. So the file stays about that size, and should the
+# thread fail, the backstop still checkpoints.
 CHECKPOINT_SECONDS = 0.25
 BACKSTOP_PAGES = 4000
 
@@ -260,7 +262,13 @@ class _Checkpointer:
         thread.join()
 
     def _run(self, stop: threading.Event) -> None:
-        conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=0, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            log.warning("no checkpoint thread for %s (commits checkpoint it): %s", self.path, exc)
+            return
         try:
             while not stop.wait(CHECKPOINT_SECONDS):
                 try:

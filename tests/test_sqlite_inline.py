@@ -217,3 +217,39 @@ async def test_inserts_on_sqlites_own_cursor_store_what_sqlalchemy_stores(tmp_pa
             mine, reference = a.execute(query).fetchall(), b.execute(query).fetchall()
         assert mine == reference, table
         assert mine, table
+
+
+async def test_what_the_raw_path_cannot_do_goes_sqlalchemys_way(tmp_path: Path) -> None:
+    """A result type that converts, an IN list, an onupdate made in Python, a value computed
+    when run: `db.scalar` and `db.execute` answer as SQLAlchemy does."""
+    from datetime import datetime
+
+    from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, func
+
+    table = Table(
+        "t",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("at", DateTime),
+        Column("v", String),
+        Column("changed", String, onupdate=lambda: "by onupdate"),
+    )
+    at = datetime(2026, 11, 23, 4, 5, 6)
+    engine = make_engine(url(tmp_path), inline=True)
+    try:
+        async with sessionmaker(engine)() as session, session.begin():
+            await (await session.connection()).run_sync(table.metadata.create_all)
+            rows = [{"id": n, "at": at, "v": "a", "changed": ""} for n in (1, 2, 3)]
+            await session.execute(table.insert(), rows)
+            by_id = select(table.c.at).where(table.c.id == bindparam("id"))
+            assert await db.scalar(session, by_id, {"id": 1}) == at  # a datetime, not text
+            among = table.c.id.in_(bindparam("ids", expanding=True))
+            counted = select(func.count()).select_from(table).where(among)
+            assert await db.scalar(session, counted, {"ids": [1, 3]}) == 2
+            now_value = bindparam("v", callable_=lambda: "computed")
+            touch = update(table).where(table.c.id == bindparam("row")).values(v=now_value)
+            await db.execute(session, touch, {"row": 2})
+            changed = select(table.c.v, table.c.changed).where(table.c.id == 2)
+            assert (await session.execute(changed)).one() == ("computed", "by onupdate")
+    finally:
+        await engine.dispose()
