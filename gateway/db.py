@@ -49,13 +49,10 @@ async def insert_row(session: AsyncSession, model: Any, **values: Any) -> int:
     """Insert one row and return its id, for rows nothing in the transaction reads back as
     an object: they skip the ORM's object, its unit of work and a flush for the id. (The id
     comes as the ORM gets it: RETURNING where the database has it, else the last row id.)"""
-    connection = await session.connection()
-    inline = await _inline(connection)
-    if inline is not None and (raw := _raw_insert(session, model, (), values)) is not None:
-        cursor = await raw.run(inline, [values])
-        assert cursor.lastrowid is not None  # every table here has an integer rowid key
-        return int(cursor.lastrowid)
-    result = await connection.execute(_insert(session, model), values)
+    result = await _run(session, _insert(session, model), [values])
+    if isinstance(result, sqlite3.Cursor):
+        assert result.lastrowid is not None  # every table here has an integer rowid key
+        return int(result.lastrowid)
     key = result.inserted_primary_key
     assert key is not None  # a single-row INSERT
     return int(key[0])
@@ -71,16 +68,8 @@ async def insert_rows(
     """Insert rows (executemany) that nothing in the transaction reads back as objects: they
     need only rows that already have ids, so pending ORM changes wait for the next flush
     instead of getting one of their own."""
-    if not rows:
-        return
-    connection = await session.connection()
-    inline = await _inline(connection)
-    if inline is not None:
-        raw = _raw_insert(session, model, ignoring_conflicts_on, rows[0])
-        if raw is not None and all(row.keys() == rows[0].keys() for row in rows):
-            await raw.run(inline, rows)
-            return
-    await connection.execute(_insert(session, model, ignoring_conflicts_on), rows)
+    if rows:
+        await _run(session, _insert(session, model, ignoring_conflicts_on), rows)
 
 
 # -- statements run on SQLite's own cursor -----------------------------------------------------
@@ -138,22 +127,20 @@ def _column_default(default: Any) -> Callable[[], Any] | None:
 
 
 # By statement (kept with it, so its id is never another's) and parameter keys.
-_RAW: dict[tuple[Any, ...], tuple[Any, _Raw | None]] = {}
+_RAW: dict[tuple[int, tuple[str, ...]], tuple[Any, _Raw | None]] = {}
 
 
-def _compile_raw(
-    session: AsyncSession, statement: Any, keys: tuple[str, ...], *, cache_key: tuple[Any, ...]
-) -> _Raw | None:
-    """`statement` for parameters with `keys` as SQLite SQL, compiled once per cache key; None
-    where it cannot be run outside SQLAlchemy (a default made by the database's own SQL, a
-    result that needs converting), and the caller goes SQLAlchemy's way."""
-    cached = _RAW.get(cache_key)
+def _compile_raw(session: AsyncSession, statement: Any, keys: tuple[str, ...]) -> _Raw | None:
+    """`statement` for parameters with `keys` as SQLite SQL, compiled once per statement and
+    keys; None where it cannot be run outside SQLAlchemy (a default made by the database's
+    own SQL, a result that needs converting), and the caller goes SQLAlchemy's way."""
+    cached = _RAW.get((id(statement), keys))
     if cached is not None and cached[0] is statement:
         return cached[1]
     dialect = session.get_bind().dialect
     compiled = statement.compile(dialect=dialect, column_keys=list(keys))
     raw = _raw_of(compiled, statement, keys, dialect)
-    _RAW[cache_key] = (statement, raw)
+    _RAW[id(statement), keys] = (statement, raw)
     return raw
 
 
@@ -188,18 +175,10 @@ def _raw_of(compiled: Any, statement: Any, keys: tuple[str, ...], dialect: Any) 
     return _Raw(compiled.string, tuple(binds))
 
 
-def _raw_insert(
-    session: AsyncSession, model: Any, ignoring: Sequence[str], row: Mapping[str, Any]
-) -> _Raw | None:
-    keys = tuple(row)
-    key = ("insert", model.__tablename__, tuple(ignoring), keys)
-    return _compile_raw(session, _insert(session, model, ignoring), keys, cache_key=key)
-
-
 async def scalar(session: AsyncSession, statement: Any, params: Mapping[str, Any]) -> Any:
     """The first column of the first row `statement` (built once, kept) returns, or None;
     it reads rows as they are in the database, with no autoflush of pending ORM changes."""
-    result = await _run(session, statement, params)
+    result = await _run(session, statement, [params])
     if isinstance(result, sqlite3.Cursor):
         row = result.fetchone()
         return None if row is None else row[0]
@@ -208,20 +187,20 @@ async def scalar(session: AsyncSession, statement: Any, params: Mapping[str, Any
 
 async def execute(session: AsyncSession, statement: Any, params: Mapping[str, Any]) -> None:
     """Run `statement` (built once, kept: an UPDATE, say) with no autoflush."""
-    await _run(session, statement, params)
+    await _run(session, statement, [params])
 
 
-async def _run(session: AsyncSession, statement: Any, params: Mapping[str, Any]) -> Any:
-    """sqlite3's cursor after running `statement` on an inline connection, else SQLAlchemy's
+async def _run(session: AsyncSession, statement: Any, rows: Sequence[Mapping[str, Any]]) -> Any:
+    """Run `statement` for `rows` (executemany for more than one) on the session's
+    connection: on an inline one, sqlite3's cursor after it ran there; else SQLAlchemy's
     result."""
     connection = await session.connection()
     inline = await _inline(connection)
-    if inline is not None:
-        keys = tuple(params)
-        raw = _compile_raw(session, statement, keys, cache_key=(id(statement), keys))
+    if inline is not None and all(row.keys() == rows[0].keys() for row in rows):
+        raw = _compile_raw(session, statement, tuple(rows[0]))
         if raw is not None:
-            return await raw.run(inline, [params])
-    return await connection.execute(statement, params)
+            return await raw.run(inline, rows)
+    return await connection.execute(statement, rows[0] if len(rows) == 1 else list(rows))
 
 
 async def _inline(connection: AsyncConnection) -> sqlite_inline.Connection | None:

@@ -209,7 +209,7 @@ async def test_inserts_on_sqlites_own_cursor_store_what_sqlalchemy_stores(tmp_pa
 
     ours, theirs = await write("inline", inline=True), await write("aiosqlite", inline=False)
     tables = ["message", "thread_ref", "participant", "delivery", "delivery_attempt"]
-    ran_raw = {key[1] for key, (_, raw) in db._RAW.items() if key[0] == "insert" and raw}
+    ran_raw = {stmt.table.name for stmt, raw in db._RAW.values() if stmt.is_insert and raw}
     assert ran_raw >= set(tables)  # the inline writes went SQLite's own way
     for table in tables:
         with sqlite3.connect(ours) as a, sqlite3.connect(theirs) as b:
