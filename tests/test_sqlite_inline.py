@@ -6,11 +6,14 @@ import asyncio
 import sqlite3
 import struct
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway import db, sqlite_inline
 from gateway.db import make_engine, sessionmaker
@@ -20,12 +23,22 @@ def url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path}/inline.db"
 
 
-async def test_statements_and_transactions_work_as_with_aiosqlite(tmp_path: Path) -> None:
+@asynccontextmanager
+async def inline_sessions(tmp_path: Path) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """Sessions on an inline engine for a file with table t (id, v BLOB), disposed after."""
     engine = make_engine(url(tmp_path), inline=True)
     sessions = sessionmaker(engine)
     try:
         async with sessions() as session, session.begin():
             await session.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)"))
+        yield sessions
+    finally:
+        await engine.dispose()
+
+
+async def test_statements_and_transactions_work_as_with_aiosqlite(tmp_path: Path) -> None:
+    async with inline_sessions(tmp_path) as sessions:
+        async with sessions() as session, session.begin():
             await session.execute(text("INSERT INTO t (v) VALUES (:v)"), [{"v": b"a"}, {"v": b"b"}])
         with pytest.raises(RuntimeError):
             async with sessions() as session, session.begin():
@@ -34,8 +47,6 @@ async def test_statements_and_transactions_work_as_with_aiosqlite(tmp_path: Path
         async with sessions() as session:
             rows = (await session.execute(text("SELECT v FROM t ORDER BY id"))).scalars().all()
         assert rows == [b"a", b"b"]
-    finally:
-        await engine.dispose()
 
 
 async def test_a_held_write_lock_is_waited_for_while_the_loop_runs_on(tmp_path: Path) -> None:
@@ -108,11 +119,7 @@ def checkpointers() -> list[threading.Thread]:
 
 
 async def test_the_log_is_checkpointed_by_a_thread_not_by_the_commit(tmp_path: Path) -> None:
-    engine = make_engine(url(tmp_path), inline=True)
-    sessions = sessionmaker(engine)
-    try:
-        async with sessions() as session, session.begin():
-            await session.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)"))
+    async with inline_sessions(tmp_path) as sessions:
         # 2,000 pages: past SQLite's own 1,000, within the backstop, in one commit.
         rows = [{"v": bytes([n % 256]) * 4000} for n in range(2000)]
         async with sessions() as session, session.begin():
@@ -127,8 +134,6 @@ async def test_the_log_is_checkpointed_by_a_thread_not_by_the_commit(tmp_path: P
             await asyncio.sleep(sqlite_inline.CHECKPOINT_SECONDS)
         # Nobody else checkpoints: the commit stayed under the backstop.
         assert frames > 2000 and copied == frames
-    finally:
-        await engine.dispose()
     assert checkpointers() == []  # the thread stops with the last connection
 
 
