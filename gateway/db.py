@@ -15,7 +15,6 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
-    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -185,6 +184,22 @@ async def scalar(session: AsyncSession, statement: Any, params: Mapping[str, Any
     return result.scalar()
 
 
+async def first(
+    session: AsyncSession, statement: Any, params: Mapping[str, Any]
+) -> tuple[Any, ...] | None:
+    """The first row `statement` (built once, kept) returns, or None; pending ORM changes
+    are flushed first, as the session's own queries would (autoflush)."""
+    sync = session.sync_session
+    if sync.autoflush and (sync.new or sync.dirty or sync.deleted):
+        await session.flush()
+    result = await _run(session, statement, [params])
+    if isinstance(result, sqlite3.Cursor):
+        row = result.fetchone()
+    else:
+        row = result.first()
+    return None if row is None else tuple(row)
+
+
 async def execute(session: AsyncSession, statement: Any, params: Mapping[str, Any]) -> None:
     """Run `statement` (built once, kept: an UPDATE, say) with no autoflush."""
     await _run(session, statement, [params])
@@ -194,27 +209,37 @@ async def _run(session: AsyncSession, statement: Any, rows: Sequence[Mapping[str
     """Run `statement` for `rows` (executemany for more than one) on the session's
     connection: on an inline one, sqlite3's cursor after it ran there; else SQLAlchemy's
     result."""
-    connection = await session.connection()
-    inline = await _inline(connection)
+    inline = await _inline(session)
     if inline is not None and all(row.keys() == rows[0].keys() for row in rows):
         raw = _compile_raw(session, statement, tuple(rows[0]))
         if raw is not None:
             return await raw.run(inline, rows)
+    connection = await session.connection()
     return await connection.execute(statement, rows[0] if len(rows) == 1 else list(rows))
 
 
-async def _inline(connection: AsyncConnection) -> sqlite_inline.Connection | None:
-    """The inline SQLite connection under `connection`, if that is what it is. Kept in the
-    pooled connection's `info`, which SQLAlchemy empties whenever it connects anew."""
-    if connection.dialect.name != "sqlite":
-        return None
-    info = connection.info
-    if "sqlite_inline" not in info:
-        driver = (await connection.get_raw_connection()).driver_connection
-        inline = driver if isinstance(driver, sqlite_inline.Connection) else None
-        info["sqlite_inline"] = inline
-    found: sqlite_inline.Connection | None = info["sqlite_inline"]
-    return found
+async def _inline(session: AsyncSession) -> sqlite_inline.Connection | None:
+    """The inline SQLite connection the session's transaction holds, if that is what it
+    holds. Found once per transaction (asking the session for its connection is a greenlet
+    hop a statement); kept in the pooled connection's `info` too, which SQLAlchemy empties
+    whenever it connects anew."""
+    sync = session.sync_session
+    transaction = sync.get_transaction()
+    kept = sync.info.get("sqlite_inline")
+    if transaction is not None and kept is not None and kept[0] is transaction:
+        if transaction.is_active:
+            found: sqlite_inline.Connection | None = kept[1]
+            return found
+    connection = await session.connection()  # begins the transaction if none has begun
+    inline = None
+    if connection.dialect.name == "sqlite":
+        info = connection.info
+        if "sqlite_inline" not in info:
+            driver = (await connection.get_raw_connection()).driver_connection
+            info["sqlite_inline"] = driver if isinstance(driver, sqlite_inline.Connection) else None
+        inline = info["sqlite_inline"]
+    sync.info["sqlite_inline"] = (sync.get_transaction(), inline)
+    return inline
 
 
 def is_sqlite(url: str) -> bool:
