@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import Select, String, bindparam, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway import db
 from gateway.app import App
 from gateway.classify import is_mailer_daemon
 from gateway.config import Config
@@ -74,9 +75,11 @@ def _gate_statement(*, counted: bool, acked: bool) -> Select[Any]:
         Delivery.kind == "acknowledgement",
         Delivery.created_at > bindparam("day_since"),
     )
+    # Compared in SQL, so no column needs converting and the gate can run on SQLite's own
+    # cursor (`db.first`): the reason of a suppression still in force, else NULL.
+    in_force = suppression.where(Suppression.expires_at > bindparam("now"))
     return select(
-        suppression.with_only_columns(Suppression.expires_at).scalar_subquery(),
-        suppression.with_only_columns(Suppression.reason).scalar_subquery(),
+        in_force.with_only_columns(Suppression.reason).scalar_subquery(),
         hour.scalar_subquery() if counted else literal(0),
         day.scalar_subquery() if acked else literal(0),
     )
@@ -110,13 +113,15 @@ async def automatic_gate(
     statement = _GATE_ACK if acked else _GATE_CAPPED if counted else _GATE_SUPPRESSION
     params = {
         "recipient": recipient,
+        "now": now,
         "hour_since": now - timedelta(hours=1),
         "ticket": ticket.id if ticket is not None else 0,
         "day_since": now - timedelta(days=1),
     }
-    row = (await session.execute(statement, params)).one()
-    suppressed_until, why, in_hour, in_day = row
-    if suppressed_until is not None and suppressed_until > now:
+    row = await db.first(session, statement, params)
+    assert row is not None  # a SELECT of scalar subqueries has one row
+    why, in_hour, in_day = row
+    if why is not None:
         return Gate(False, f"suppressed: {why}", suppressed=True)
     if counted and in_hour >= config.limits.auto_per_sender_per_hour:
         return Gate(False, f"hourly cap of {config.limits.auto_per_sender_per_hour} reached")

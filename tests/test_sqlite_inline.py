@@ -141,12 +141,26 @@ async def test_inserts_on_sqlites_own_cursor_store_what_sqlalchemy_stores(tmp_pa
     """`insert_row(s)` skip SQLAlchemy's execution on an inline connection: rows written that
     way and SQLAlchemy's way (an aiosqlite engine) are the same, byte for byte, defaults
     included; and a constraint error comes out as SQLAlchemy's."""
+    from dataclasses import replace
     from datetime import UTC, datetime, timedelta
 
     from sqlalchemy.exc import IntegrityError
 
     from gateway.db import insert_row, insert_rows, upgrade
-    from gateway.models import Delivery, DeliveryAttempt, Message, Participant, ThreadRef, Ticket
+    from gateway.models import (
+        Delivery,
+        DeliveryAttempt,
+        Message,
+        Participant,
+        Suppression,
+        ThreadRef,
+        Ticket,
+    )
+    from gateway.outbox import Gate, automatic_gate
+
+    from conftest import load_config, write_config
+
+    config = load_config(write_config(tmp_path))
 
     now = datetime(2026, 11, 23, 3, 4, 5, 678901, tzinfo=UTC)
     when = bindparam("at")
@@ -208,6 +222,28 @@ async def test_inserts_on_sqlites_own_cursor_store_what_sqlalchemy_stores(tmp_pa
                 found = {"who": "d@e.f"}
                 assert await db.scalar(session, DELIVERY_TO, found) == 2
                 assert await db.scalar(session, DELIVERY_TO, {"who": "nobody@e.f"}) is None
+                # The loop gate: pending suppressions are flushed first, expiry compared in SQL.
+                for who, until in (("gone@b.c", now + timedelta(seconds=1)), ("was@b.c", now)):
+                    session.add(
+                        Suppression(address=who, reason="5.1.1", created_at=now, expires_at=until)
+                    )
+                gates = [
+                    await automatic_gate(
+                        session, config, recipient=who, kind="acknowledgement", ticket=ticket,
+                        now=now,
+                    )
+                    for who in ("gone@b.c", "was@b.c", "a@b.c")
+                ]  # fmt: skip
+                assert gates == [
+                    Gate(False, "suppressed: 5.1.1", suppressed=True),
+                    Gate(True),
+                    Gate(False, "already acknowledged today"),  # the delivery above
+                ]
+                capped = replace(config, limits=replace(config.limits, auto_per_sender_per_hour=1))
+                gate = await automatic_gate(
+                    session, capped, recipient="a@b.c", kind="nudge", ticket=ticket, now=now
+                )
+                assert gate == Gate(False, "hourly cap of 1 reached")
         finally:
             await engine.dispose()
         return path
