@@ -9,7 +9,9 @@ of the same name in the admin's folder wins over the packaged default. Templates
 from __future__ import annotations
 
 import operator
+import os
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
@@ -51,6 +53,7 @@ _SUFFIXES = (".subject.j2", ".txt.j2", ".html.j2")
 # Widths and repeat counts beyond this can only be an attempt to exhaust memory.
 _HUGE_NUMBER = re.compile(r"(%[^a-zA-Z%]*|\{[^{}]*:[^{}]*)\d{7,}")  # in a %- or {}-spec
 _MAX_POWER_BITS = 100_000
+_SETTLED_NS = 2_000_000_000  # an override folder unchanged this long has settled
 
 
 class RenderError(Exception):
@@ -186,6 +189,8 @@ class Renderer:
     """Renders notices from the packaged templates, overridden file by file from an admin folder."""
 
     def __init__(self, override_dir: Path | None = None) -> None:
+        self._override_dir = override_dir
+        self._absent: dict[str, int] = {}  # optional files found missing, by folder stamp
         loaders: list[BaseLoader] = []
         if override_dir is not None:
             loaders.append(FileSystemLoader(str(override_dir)))
@@ -203,14 +208,37 @@ class Renderer:
 
     def _exists(self, file: str) -> bool:
         """Through the environment's cache of compiled templates, which checks the override
-        folder's mtimes, so a render reads no file unless an admin changed one."""
+        folder's mtimes, so a render reads no file unless an admin changed one.
+
+        A missing file is looked for again only once the override folder changes (a file
+        made, removed or renamed there changes the folder's mtime): looking through every
+        loader was a quarter of rendering a notice without HTML."""
+        stamp = self._folder_stamp()
+        if stamp is not None and self._absent.get(file) == stamp:
+            return False
         try:
             self._env.get_template(file)
         except TemplateNotFound as exc:
-            return exc.name != file
+            if exc.name != file:
+                return True  # it is there, and something it includes is not
+            if stamp is not None:
+                self._absent[file] = stamp
+            return False
         except TemplateSyntaxError:
             return True  # rendering it reports the error
         return True
+
+    def _folder_stamp(self) -> int | None:
+        """The override folder's mtime (0 without one; -1 while it does not exist); None
+        while it changed too recently to trust: within the clock's tick, a file made just
+        after a look might leave the mtime as it was."""
+        if self._override_dir is None:
+            return 0
+        try:
+            mtime = os.stat(self._override_dir).st_mtime_ns
+        except OSError:
+            return -1
+        return mtime if time.time_ns() - mtime > _SETTLED_NS else None
 
     def _files(self) -> list[str]:
         return sorted(set(self._env.list_templates(filter_func=lambda n: n.endswith(".j2"))))

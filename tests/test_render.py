@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,22 @@ def test_override_wins_by_name(tmp_path: Path) -> None:
     assert notice.text == "Custom nudge for SUP-1042\n"
     assert notice.subject.startswith("[#SUP-1042]")  # the default subject still applies
     assert renderer.render("solved", SAMPLE_CONTEXT).text.startswith("Hi Ada")
+
+
+def test_an_html_part_added_later_is_found(tmp_path: Path) -> None:
+    """Missing optional files are remembered until the override folder changes, and a folder
+    changed within the last seconds is looked through each time."""
+    renderer = Renderer(tmp_path)
+    settled = time.time() - 60
+    os.utime(tmp_path, (settled, settled))
+    assert renderer.render("escalation", SAMPLE_CONTEXT).html is None
+    assert renderer.render("escalation", SAMPLE_CONTEXT).html is None  # from the memory
+    (tmp_path / "escalation.html.j2").write_text("<p>{{ ticket.ref }}</p>", encoding="utf-8")
+    assert renderer.render("escalation", SAMPLE_CONTEXT).html == "<p>SUP-1042</p>\n"
+    (tmp_path / "escalation.html.j2").unlink()
+    assert renderer.render("escalation", SAMPLE_CONTEXT).html is None  # changed just now
+    (tmp_path / "escalation.html.j2").write_text("<p>third</p>", encoding="utf-8")
+    assert renderer.render("escalation", SAMPLE_CONTEXT).html == "<p>third</p>\n"
 
 
 def test_override_may_add_a_new_notice(tmp_path: Path) -> None:
