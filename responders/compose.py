@@ -15,7 +15,7 @@ import random
 import re
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email import policy
 from email.headerregistry import Address as HeaderAddress
 from email.headerregistry import HeaderRegistry
@@ -156,6 +156,13 @@ def _breaks(name: str, shape: str) -> tuple[int, ...] | None:
     return tuple(itertools.accumulate(len(x) for x in lines[:-1]))
 
 
+@functools.lru_cache(maxsize=64)
+def _date(when: datetime, offset: timedelta | None) -> bytes:
+    """The Date header, kept: the notices of one pipeline group share their date. Keyed by
+    the offset too, since equal instants in two zones are equal datetimes."""
+    return _header("Date", format_datetime(when))
+
+
 def _raw(name: str, value: str) -> bytes:
     """A header written as given (our own ids, already checked), as ``set_raw`` would be."""
     return f"{name}: {value}\r\n".encode("ascii")
@@ -236,7 +243,7 @@ def compose(
     if reply_to is not None:
         head.append(_header("Reply-To", _address(reply_to)))
     head.append(_header("Subject", _settle(notice.subject, TEXT_LIMIT)))
-    head.append(_header("Date", format_datetime(when)))
+    head.append(_date(when, when.utcoffset()))
     head.append(_raw("Message-ID", f"<{own_id}>"))
     if parent:
         head.append(_raw("In-Reply-To", f"<{parent}>"))
