@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from gateway import sqlite_inline
 
@@ -69,6 +70,50 @@ async def insert_rows(
     instead of getting one of their own."""
     if rows:
         await _run(session, _insert(session, model, ignoring_conflicts_on), rows)
+
+
+def loaded(session: AsyncSession, model: Any, **values: Any) -> Any:
+    """An object for a row just written as Core (its id among `values`), held by the session
+    as if it had been loaded: later changes to it are flushed as UPDATEs, and no INSERT, unit
+    of work or flush is spent on it. Columns `values` leave out get their Python defaults,
+    as the insert did (or None), so no attribute is left to load."""
+    for column in model.__table__.columns:
+        if column.key not in values:
+            fill = _column_default(column.default)
+            values[column.key] = None if fill is None else fill()
+    obj = model(**values)
+    make_transient_to_detached(obj)
+    session.add(obj)
+    return obj
+
+
+async def insert_object(session: AsyncSession, model: Any, **values: Any) -> Any:
+    """`insert_row`, and the row as a `loaded` object."""
+    row_id = await insert_row(session, model, **values)
+    return loaded(session, model, id=row_id, **values)
+
+
+_AT_COMMIT = "db.at_commit"  # session.info key: rows written when the transaction commits
+
+
+def insert_at_commit(session: AsyncSession, model: Any, row: dict[str, Any]) -> None:
+    """Insert `row` when the session's transaction commits (one executemany for all the
+    transaction's rows of a table, in the order given), for rows nothing reads back within
+    the transaction: the audit log's. A rollback forgets them, as it does pending objects."""
+    session.sync_session.info.setdefault(_AT_COMMIT, {}).setdefault(model, []).append(row)
+
+
+@event.listens_for(Session, "before_commit")
+def _write_at_commit(session: Session) -> None:
+    pending = session.info.pop(_AT_COMMIT, None)
+    for model, rows in (pending or {}).items():
+        session.connection().execute(model.__table__.insert(), rows)
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_at_commit(session: Session, previous: Any) -> None:
+    if previous.parent is None:  # the transaction, not a savepoint (none is used with these)
+        session.info.pop(_AT_COMMIT, None)
 
 
 # -- statements run on SQLite's own cursor -----------------------------------------------------

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 
+from gateway import db
 from gateway.app import App
-from gateway.models import Message, RawMail, Ticket
+from gateway.models import Event, Message, RawMail, Ticket
 from gateway.pipeline import process_pending
 from gateway.tickets import set_status
 from gateway.views import ticket_view
@@ -245,3 +247,34 @@ async def test_a_sender_we_cannot_write_in_a_header_still_gets_a_ticket(app: App
     assert [t["requester"] for t in await tickets(app)] == ["jane..doe@customer.org"]
     assert reasons == ["an address we cannot write in a mail header"]
     assert await deliveries(app, "acknowledgement") == []
+
+
+async def test_rows_written_as_core_behave_as_loaded_objects(app: App, backend: str) -> None:
+    """`db.insert_object` rows are objects the session holds as if loaded (a change is an
+    UPDATE, nothing is left to load); `db.insert_at_commit` rows reach the table at commit,
+    in order, and a rollback forgets them."""
+    now = app.clock()
+    async with app.sessions() as session, session.begin():
+        ticket = await db.insert_object(
+            session, Ticket, ref="T-1", queue="support", mailbox="support@example.com",
+            requester="j@c.org", created_at=now, updated_at=now,
+        )  # fmt: skip
+        assert ticket in session and ticket not in session.dirty
+        assert (ticket.status, ticket.assignee, ticket.closed_at) == ("new", "", None)  # defaults
+        assert await session.get(Ticket, ticket.id) is ticket
+        ticket.status = "open"
+
+        def audit(action: str) -> dict[str, Any]:
+            return {"ticket_id": ticket.id, "at": now, "actor": "t", "action": action}
+
+        for action in ("first", "second"):
+            db.insert_at_commit(session, Event, audit(action))
+    with pytest.raises(RuntimeError):
+        async with app.sessions() as session, session.begin():
+            db.insert_at_commit(session, Event, audit("rolled back"))
+            raise RuntimeError("roll back")
+    async with app.sessions() as session:
+        stored = await session.get(Ticket, ticket.id)
+        assert stored is not None and stored.status == "open"
+        query = select(Event.action).where(Event.ticket_id == ticket.id).order_by(Event.id)
+        assert list((await session.execute(query)).scalars()) == ["first", "second"]
