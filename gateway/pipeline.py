@@ -133,12 +133,11 @@ async def apply_step(session: AsyncSession, app: App, work: Work) -> None:
     if kind == "agent" and work.agent:
         await agents.handle(session, app, work)
         return
-    if work.ticket is None:
-        work.ticket = await _new_ticket(session, app, work)
     unverified = kind == "agent"
-    if not unverified and not work.classification.automatic:
-        # A customer's mail; it cancels the nudge and auto-close timers. Set before the
-        # message's flush, so a new ticket's row takes one UPDATE (with its ref), not two.
+    customer = not unverified and not work.classification.automatic
+    if work.ticket is None:
+        work.ticket = await _new_ticket(session, app, work, customer=customer)
+    elif customer:  # a customer's mail cancels the nudge and auto-close timers
         work.ticket.last_customer_at = work.now
         work.ticket.nudge_due_at = work.ticket.autoclose_due_at = None
     work.message = await add_inbound_message(
@@ -228,7 +227,9 @@ def _copied_people(app: App, work: Work) -> list[Address]:
     return [p for p in people if p.addr != sender and not app.config.is_ours(p.addr)]
 
 
-async def _new_ticket(session: AsyncSession, app: App, work: Work) -> Ticket:
+async def _new_ticket(
+    session: AsyncSession, app: App, work: Work, *, customer: bool = False
+) -> Ticket:
     config = app.config
     assert work.thread is not None
     mailbox = next(iter(_our_mailboxes(app, work)), "")
@@ -254,6 +255,7 @@ async def _new_ticket(session: AsyncSession, app: App, work: Work) -> Ticket:
         priority=priority,
         follow_up_of=work.thread.follow_up_of,
         thread_root=work.parsed.message_id,
+        last_customer_at=work.now if customer else None,
     )
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import nh3
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway import db
 from gateway.config import Config
-from gateway.db import insert_rows
+from gateway.db import insert_at_commit, insert_object, insert_row, insert_rows, loaded
 from gateway.models import AttachmentRow, Event, Message, Participant, ThreadRef, Ticket
 from parsing.model import Address, Attachment, ParsedMessage
 from parsing.subject import normalise_subject
@@ -68,18 +69,17 @@ def event(
     message: Message | None = None,
     **detail: Any,
 ) -> None:
-    session.add(
-        Event(
-            ticket_id=ticket.id if ticket else None,
-            at=at,
-            actor=actor,
-            action=action,
-            old=old,
-            new=new,
-            message_row=message.id if message else None,
-            detail=detail,
-        )
-    )
+    row = {
+        "ticket_id": ticket.id if ticket else None,
+        "at": at,
+        "actor": actor,
+        "action": action,
+        "old": old,
+        "new": new,
+        "message_row": message.id if message else None,
+        "detail": detail,
+    }
+    insert_at_commit(session, Event, row)  # nothing reads the audit log back mid-transaction
 
 
 async def create_ticket(
@@ -97,27 +97,32 @@ async def create_ticket(
     follow_up_of: Ticket | None = None,
     thread_root: str = "",
     actor: str = "",
+    last_customer_at: datetime | None = None,
 ) -> Ticket:
-    ticket = Ticket(
-        ref=f"new-{uuid.uuid4().hex[:24]}",
-        queue=queue,
-        mailbox=mailbox,
-        status="new",
-        priority=priority,
-        subject=normalise_subject(subject)[:1000] or "(no subject)",
-        requester=requester.addr,
-        requester_name=requester.name,
-        reply_to=reply_to,
-        submitter=submitter,
-        follow_up_of=follow_up_of.id if follow_up_of else None,
-        thread_root=thread_root,
-        created_at=now,
-        updated_at=now,
-        escalate_due_at=now + timedelta(minutes=config.timers.escalate_after_minutes),
-    )
-    session.add(ticket)
-    await session.flush()
-    ticket.ref = f"{config.gateway.ticket_prefix}-{ticket.id}"
+    values = {
+        "ref": f"new-{uuid.uuid4().hex[:24]}",  # until its id is known
+        "queue": queue,
+        "mailbox": mailbox,
+        "status": "new",
+        "priority": priority,
+        "subject": normalise_subject(subject)[:1000] or "(no subject)",
+        "requester": requester.addr,
+        "requester_name": requester.name,
+        "reply_to": reply_to,
+        "submitter": submitter,
+        "follow_up_of": follow_up_of.id if follow_up_of else None,
+        "thread_root": thread_root,
+        "created_at": now,
+        "updated_at": now,
+        "last_customer_at": last_customer_at,
+        "escalate_due_at": now + timedelta(minutes=config.timers.escalate_after_minutes),
+    }
+    # As Core, and the ref in a second statement: the ORM's unit of work for one row cost
+    # several times the two statements.
+    ticket_id = await insert_row(session, Ticket, **values)
+    values["ref"] = f"{config.gateway.ticket_prefix}-{ticket_id}"
+    await db.execute(session, _SET_REF, {"row": ticket_id, "new_ref": values["ref"]})
+    ticket: Ticket = loaded(session, Ticket, id=ticket_id, **values)
     await add_participants(session, ticket, [requester], role="requester")
     event(
         session,
@@ -129,6 +134,9 @@ async def create_ticket(
         follow_up_of=follow_up_of.ref if follow_up_of else "",
     )
     return ticket
+
+
+_SET_REF = update(Ticket).where(Ticket.id == bindparam("row")).values(ref=bindparam("new_ref"))
 
 
 async def add_participants(
@@ -191,7 +199,9 @@ async def add_inbound_message(
     verified: bool = False,
     new_text: str | None = None,
 ) -> Message:
-    message = Message(
+    message: Message = await insert_object(
+        session,
+        Message,
         ticket_id=ticket.id,
         raw_id=raw_id,
         direction="in",
@@ -214,9 +224,8 @@ async def add_inbound_message(
         sent_at=parsed.date if parsed.date and parsed.date.tzinfo else None,
         created_at=now,
     )
-    session.add(message)
-    ticket.updated_at = now  # before the flush: one UPDATE of the ticket, not two
-    await session.flush()
+    if ticket.updated_at != now:  # a new ticket has it already: no UPDATE to flush
+        ticket.updated_at = now
     await store_attachments(session, message, parsed.attachments, attachments_dir)
     await remember_ids(
         session,
@@ -230,19 +239,19 @@ async def add_inbound_message(
 async def store_attachments(
     session: AsyncSession, message: Message, attachments: Sequence[Attachment], directory: Path
 ) -> None:
-    for item in attachments:
-        digest = save_attachment_bytes(directory, item.data)
-        session.add(
-            AttachmentRow(
-                message_id=message.id,
-                sha256=digest,
-                size=len(item.data),
-                content_type=item.content_type[:200],
-                filename=item.filename,
-                content_id=item.content_id[:512],
-                inline=item.inline,
-            )
-        )
+    rows = [
+        {
+            "message_id": message.id,
+            "sha256": save_attachment_bytes(directory, item.data),
+            "size": len(item.data),
+            "content_type": item.content_type[:200],
+            "filename": item.filename,
+            "content_id": item.content_id[:512],
+            "inline": item.inline,
+        }
+        for item in attachments
+    ]
+    await insert_rows(session, AttachmentRow, rows)
 
 
 # -- state changes shared by the pipeline, agent commands and `tickets update` ----------------
