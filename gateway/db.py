@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm.instrumentation import manager_of_class
 
 from gateway import sqlite_inline
 
@@ -81,7 +82,10 @@ def loaded(session: AsyncSession, model: Any, **values: Any) -> Any:
         if column.key not in values:
             fill = _column_default(column.default)
             values[column.key] = None if fill is None else fill()
-    obj = model(**values)
+    # Filled as the ORM fills an object it loads (straight into its __dict__), not through
+    # the constructor's instrumented attributes: ~6 µs, not ~46.
+    obj = manager_of_class(model).new_instance()
+    obj.__dict__.update(values)
     make_transient_to_detached(obj)
     session.add(obj)
     return obj
