@@ -211,7 +211,7 @@ async def test_a_claim_left_by_a_killed_worker_is_delivered_once_after_it_expire
     async with relay_app(tmp_path, database_url, clock, smtp_sink) as first:
         await customers(first, 3)
         dead = OutboxWorker(first)
-        claimed = await dead._claim(100)  # claimed, then killed before sending
+        claimed = await dead._claim(100, per_round=100)  # claimed, then killed before sending
         assert len(claimed) == 6
         await dead.close()
         await first.engine.dispose()
@@ -227,13 +227,38 @@ async def test_a_claim_left_by_a_killed_worker_is_delivered_once_after_it_expire
     assert set(message_ids(smtp_sink).values()) == {1}
 
 
+async def test_a_claim_of_several_rounds_leases_each_row_until_its_round(
+    tmp_path: Path, database_url: str, clock: Clock, smtp_sink: SmtpSink
+) -> None:
+    """Rows claimed beyond the pool's first round wait for a connection, so their leases
+    run a round longer each; after a crash the first round is retried first."""
+    async with relay_app(tmp_path, database_url, clock, smtp_sink) as first:
+        await customers(first, 3)
+        dead = OutboxWorker(first)
+        assert len(await dead._claim(100, per_round=4)) == 6  # rounds of 4 and 2
+        await dead.close()
+        await first.engine.dispose()
+        second = build_app(first.config, clock=clock, parse_workers=0)
+        lease = first.config.outbound.timeout_seconds * 4
+        try:
+            clock.advance(seconds=lease + 1)
+            assert await flush(second) == 4
+            clock.advance(seconds=lease)
+            assert await flush(second) == 2
+            rows = await deliveries(second)
+        finally:
+            await second.close()
+    assert {r.status for r in rows} == {"sent"}
+    assert set(message_ids(smtp_sink).values()) == {1}
+
+
 async def test_a_crash_between_the_relays_250_and_our_commit_resends_the_same_message_id(
     tmp_path: Path, database_url: str, clock: Clock, smtp_sink: SmtpSink
 ) -> None:
     async with relay_app(tmp_path, database_url, clock, smtp_sink) as first:
         await customers(first, 1)
         dead = OutboxWorker(first)
-        claimed = await dead._claim(100)
+        claimed = await dead._claim(100, per_round=100)
         for row in claimed:
             await dead._send(row)  # the relay said 250; we died before recording it
         await dead.close()
