@@ -245,7 +245,7 @@ class OutboxWorker:
         (nearly all, when sends are quick) from retrying no longer than before."""
         now = self.app.clock()
         lease = self.app.config.outbound.timeout_seconds * 4  # one send, a retry included
-        async with self.app.sessions() as session, session.begin():
+        async with self.app.writing(), self.app.sessions() as session, session.begin():
             query = (
                 select(Delivery)
                 .where(
@@ -280,7 +280,7 @@ class OutboxWorker:
         its row's attempts and deadline, so it is loaded and worked out one by one."""
         now = self.app.clock()
         told = [(row, *_outcome(result)) for row, result in results]
-        async with self.app.sessions() as session, session.begin():
+        async with self.app.writing(), self.app.sessions() as session, session.begin():
             attempts = [
                 {"delivery_id": row.id, "at": now, "outcome": o, "code": c, "reply": r[:2000]}
                 for row, o, c, r in told
