@@ -7,6 +7,7 @@ per recipient, so nothing here raises for a refusal, a timeout or a dead relay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -30,6 +31,7 @@ __all__ = [
     "SendResult",
     "SmtpPool",
     "deliver_maildir",
+    "deliver_maildir_many",
     "send_smtp",
 ]
 
@@ -249,24 +251,48 @@ def deliver_maildir(maildir: Path, data: bytes) -> str:
 
     Both the file and the ``new`` directory are fsynced, so a returned name survives a crash.
     """
+    (result,) = deliver_maildir_many(maildir, [data])
+    if isinstance(result, OSError):
+        raise result
+    return result
+
+
+def deliver_maildir_many(maildir: Path, messages: Sequence[bytes]) -> list[str | OSError]:
+    """`deliver_maildir` for several messages, with one fsync of ``new`` for all of them (and
+    the folders made once): per message, its name, or the OSError that stopped it. When the
+    folder's fsync fails, every message renamed into it gets that error: none is known to
+    survive a crash, so each is delivered again."""
     for sub in ("cur", "new", "tmp"):
         (maildir / sub).mkdir(parents=True, exist_ok=True)
     host = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
-    name = f"{time.time_ns() // 1_000_000_000}.P{os.getpid()}R{secrets.token_hex(8)}.{host}"
-    tmp = maildir / "tmp" / name
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, maildir / "new" / name)
-    dir_fd = os.open(maildir / "new", os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return name
+    results: list[str | OSError] = []
+    for data in messages:
+        name = f"{time.time_ns() // 1_000_000_000}.P{os.getpid()}R{secrets.token_hex(8)}.{host}"
+        tmp = maildir / "tmp" / name
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, maildir / "new" / name)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            results.append(exc)
+            continue
+        results.append(name)
+    if any(isinstance(r, str) for r in results):
+        try:
+            dir_fd = os.open(maildir / "new", os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            return [exc if isinstance(r, str) else r for r in results]
+    return results

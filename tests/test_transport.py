@@ -8,6 +8,8 @@ import sys
 from email import policy
 from pathlib import Path
 
+import pytest
+
 # The repo root is not on sys.path under plain `pytest` (no conftest or pythonpath setting yet).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -200,3 +202,43 @@ def test_maildir_delivery(tmp_path: Path) -> None:
     assert parsed["Subject"] == "Maildir"
     second = deliver_maildir(tmp_path / "Maildir", data)
     assert second != name and ":" not in name and "/" not in name
+
+
+def test_maildir_delivery_of_several_fails_only_the_message_that_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One thread call writes a group: each message its own file and fsync, the folder
+    fsynced once; a message whose write fails gets its error and leaves no file, and a
+    failed folder fsync fails every message it was to make durable."""
+    import os
+
+    from responders.transport import deliver_maildir_many
+
+    maildir = tmp_path / "Maildir"
+    messages = [_mail(f"m{i}") for i in range(3)]
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:  # the second message's file
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    first, failed, third = deliver_maildir_many(maildir, messages)
+    assert isinstance(first, str) and isinstance(third, str)
+    assert isinstance(failed, OSError) and failed.errno == 28
+    assert len(calls) == 4  # three files, then the folder once
+    assert sorted(p.name for p in (maildir / "new").iterdir()) == sorted([first, third])
+    assert (maildir / "new" / third).read_bytes() == messages[2]
+    assert list((maildir / "tmp").iterdir()) == []
+
+    calls.clear()
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd) or _folder_fails(len(calls)))
+    results = deliver_maildir_many(maildir, messages[:2])
+    assert [isinstance(r, OSError) for r in results] == [True, True]
+
+
+def _folder_fails(call: int) -> None:
+    if call == 3:  # after the two files: the folder
+        raise OSError(5, "Input/output error")
