@@ -192,6 +192,13 @@ def _outcome(result: SendResult | str) -> tuple[str, int, str]:
     return first.outcome, first.code, first.reply
 
 
+# A claimed row not tried (a stop, a lapsed lease): claimable again at once, unless another
+# worker's claim has replaced ours.
+_RELEASE = (
+    update(Delivery)
+    .where(Delivery.id == bindparam("row"), Delivery.claimed_until == bindparam("ours"))
+    .values(claimed_until=None)
+)
 # A sent delivery, recorded for a whole group in one executemany.
 _SENT = (
     update(Delivery)
@@ -213,7 +220,7 @@ def backoff(attempts: int, *, base: float) -> timedelta:
     return timedelta(seconds=delay * random.uniform(0.8, 1.2))
 
 
-_Result = tuple[Delivery, SendResult | str]
+_Result = tuple[Delivery, SendResult | str | None]  # None: not tried, handed back
 CLAIM_ROUNDS = 8  # rounds of the pool's connections one claim holds
 RECORD_WINDOW = 0.01  # seconds results wait to share a commit
 # Maildir messages written per thread call, one folder fsync each: a crash before their
@@ -249,6 +256,8 @@ class OutboxWorker:
                 helo_name=app.config.smtp.hostname or app.config.gateway.domain,
             )
         self.pool = SmtpPool(self.relay, size=out.pool_size) if self.relay else None
+        # The pool's connections in turn: a row checks `_may_send` once its turn comes.
+        self._turns = asyncio.Semaphore(out.pool_size)
 
     async def close(self) -> None:
         if self.pool is not None:
@@ -289,19 +298,25 @@ class OutboxWorker:
             mail_from=row.mail_from, recipients=[row.recipient], data=row.data
         )
 
-    async def _record(self, results: list[tuple[Delivery, SendResult | str]]) -> None:
+    async def _record(self, results: list[_Result]) -> None:
         """Record attempts in one transaction: results that finish together share a commit.
 
         Sent mail (nearly all of it) is two statements for the whole group; a failure needs
         its row's attempts and deadline, so it is loaded and worked out one by one."""
         now = self.app.clock()
-        told = [(row, *_outcome(result)) for row, result in results]
+        told = [(row, *_outcome(result)) for row, result in results if result is not None]
+        untried = [
+            {"row": row.id, "ours": row.claimed_until} for row, result in results if result is None
+        ]
         async with self.app.writing(), self.app.sessions() as session, session.begin():
+            if untried:  # handed back at once, unless another worker holds it by now
+                await (await session.connection()).execute(_RELEASE, untried)
             attempts = [
                 {"delivery_id": row.id, "at": now, "outcome": o, "code": c, "reply": r[:2000]}
                 for row, o, c, r in told
             ]
-            await insert_rows(session, DeliveryAttempt, attempts)
+            if attempts:
+                await insert_rows(session, DeliveryAttempt, attempts)
             sent = [{"row": row.id, "at": now} for row, outcome, _, _ in told if outcome == "sent"]
             if sent:
                 await (await session.connection()).execute(_SENT, sent)
@@ -336,40 +351,63 @@ class OutboxWorker:
                 live.status = "deferred"
                 live.next_attempt_at = retry_at
 
+    def _may_send(self, row: Delivery) -> bool:
+        """Whether to start sending a claimed row now: not once a stop is asked for (a
+        claim holds several rounds), nor once its lease has run out (another worker may
+        have claimed it since)."""
+        lapsed = row.claimed_until is not None and self.app.clock() >= row.claimed_until
+        return not (self.app.stopping.is_set() or lapsed)
+
     async def _deliver(self, row: Delivery, done: asyncio.Queue[_Result]) -> None:
-        """Send one row and hand its result to the recorder at once."""
-        result: SendResult | str
-        try:
-            result = await self._send(row)
-        except Exception as exc:
-            log.error("delivery %s raised %s", row.id, type(exc).__name__)
-            result = _failure(row, f"internal error: {type(exc).__name__}")
+        """Send one row when a connection is free and hand its result to the recorder at
+        once; None for a row it did not start (see `_may_send`)."""
+        result: SendResult | str | None = None
+        async with self._turns:
+            try:
+                if self._may_send(row):
+                    result = await self._send(row)
+            except Exception as exc:
+                log.error("delivery %s raised %s", row.id, type(exc).__name__)
+                result = _failure(row, f"internal error: {type(exc).__name__}")
         done.put_nowait((row, result))
 
     async def _deliver_all(self, rows: list[Delivery], done: asyncio.Queue[_Result]) -> None:
         """Send the claimed rows: over the pool's connections, or into the Maildir in one
-        thread call with one fsync of its folder (a thread hop and two fsyncs a message
-        were most of a Maildir delivery)."""
+        thread call a slice with one fsync of its folder (a thread hop and two fsyncs a
+        message were most of a Maildir delivery)."""
         if self.pool is not None:
             await asyncio.gather(*(self._deliver(row, done) for row in rows))
             return
         for start in range(0, len(rows), MAILDIR_SLICE):  # recorded slice by slice
             part = rows[start : start + MAILDIR_SLICE]
-            written = await asyncio.to_thread(
-                deliver_maildir_many, self.app.maildir, [row.data for row in part]
-            )
+            if not all(self._may_send(row) for row in part):
+                for row in part:
+                    done.put_nowait((row, None))
+                continue
+            written: list[str | Exception]
+            try:
+                written = list(
+                    await asyncio.to_thread(
+                        deliver_maildir_many, self.app.maildir, [row.data for row in part]
+                    )
+                )
+            except Exception as exc:  # the folder itself: every row of the slice failed
+                log.error("Maildir delivery of %d raised %s", len(part), type(exc).__name__)
+                written = [exc] * len(part)
             for row, name in zip(part, written, strict=True):
-                if isinstance(name, OSError):
-                    log.error("delivery %s to the Maildir failed: %s", row.id, name)
-                    done.put_nowait((row, _failure(row, f"maildir: {name.strerror or name}")))
-                else:
+                if isinstance(name, str):
                     done.put_nowait((row, f"maildir:{name}"))
+                    continue
+                log.error("delivery %s to the Maildir failed: %s", row.id, name)
+                why = (isinstance(name, OSError) and name.strerror) or str(name)
+                done.put_nowait((row, _failure(row, f"maildir: {why or type(name).__name__}")))
 
-    async def _recorder(self, done: asyncio.Queue[_Result], expected: int) -> None:
+    async def _recorder(self, done: asyncio.Queue[_Result], expected: int) -> int:
         """Record results as they come, all that wait in one commit (a group commit): a stop
         re-sends only what was in flight or waiting for that commit. A group that fails is
-        recorded one by one, so one bad row never costs its neighbours their record."""
-        recorded = 0
+        recorded one by one, so one bad row never costs its neighbours their record.
+        Returns how many rows were tried (not handed back untried)."""
+        recorded = tried = 0
         while recorded < expected:
             group = [await done.get()]
             if recorded + 1 < expected:
@@ -380,6 +418,7 @@ class OutboxWorker:
             while not done.empty():
                 group.append(done.get_nowait())
             recorded += len(group)
+            tried += sum(result is not None for _row, result in group)
             try:
                 await self._record(group)
             except Exception:
@@ -389,6 +428,7 @@ class OutboxWorker:
                     except Exception:
                         # Unrecorded, its claim lapses and it is sent again, as after a crash.
                         log.exception("recording delivery %s failed", one[0].id)
+        return tried
 
     async def flush(self, *, limit: int = 200) -> int:
         """Deliver everything due now; returns how many attempts were made."""
@@ -410,8 +450,7 @@ class OutboxWorker:
             except BaseException:
                 recorder.cancel()  # what it never recorded is sent again when its claim lapses
                 raise
-            await recorder
-            total += len(rows)
+            total += await recorder
         return total
 
     async def run(self) -> None:

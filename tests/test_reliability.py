@@ -252,6 +252,82 @@ async def test_a_claim_of_several_rounds_leases_each_row_until_its_round(
     assert set(message_ids(smtp_sink).values()) == {1}
 
 
+async def test_a_stop_or_a_lapsed_lease_hands_back_the_rows_not_yet_started(
+    tmp_path: Path, database_url: str, clock: Clock, smtp_sink: SmtpSink
+) -> None:
+    """A claim holds several rounds; rows whose turn comes after a stop, or after their
+    lease ran out, are not sent but handed back (no attempt) and go out on the next pass."""
+    async with relay_app(tmp_path, database_url, clock, smtp_sink, pool_size=1) as app:
+        await customers(app, 2)  # four deliveries, sent one at a time
+        worker = OutboxWorker(app)
+        send = worker._send
+        sent = 0
+
+        async def send_then_stop(row: Any) -> Any:
+            nonlocal sent
+            sent += 1
+            result = await send(row)
+            if sent == 1:
+                app.stopping.set()
+            return result
+
+        worker._send = send_then_stop  # type: ignore[method-assign]
+        try:
+            assert await worker.flush() == 1
+        finally:
+            await worker.close()
+        rows = await deliveries(app)
+        assert sorted(r.status for r in rows) == ["queued"] * 3 + ["sent"]
+        assert {r.claimed_until for r in rows if r.status == "queued"} == {None}
+        assert {r.attempts for r in rows if r.status == "queued"} == {0}
+        app.stopping.clear()
+
+        worker = OutboxWorker(app)
+        send = worker._send
+        slow = True
+
+        async def send_slowly(row: Any) -> Any:
+            nonlocal slow
+            assert clock() < row.claimed_until  # never sent under a lease that ran out
+            result = await send(row)
+            if slow:  # the first send takes two rounds' leases: the next row's has run out
+                clock.advance(seconds=app.config.outbound.timeout_seconds * 4 * 2)
+                slow = False
+            return result
+
+        worker._send = send_slowly  # type: ignore[method-assign]
+        try:
+            # The second row's turn came after its lease: handed back, claimed again by
+            # the same flush, and sent under its new lease.
+            assert await worker.flush() == 3
+        finally:
+            await worker.close()
+        rows = await deliveries(app)
+    assert {r.status for r in rows} == {"sent"}
+    assert set(message_ids(smtp_sink).values()) == {1}
+
+
+async def test_a_maildir_that_cannot_be_written_defers_each_row(
+    tmp_path: Path, database_url: str, clock: Clock
+) -> None:
+    """No smarthost: a Maildir folder that is not a folder fails every row of the slice with
+    an attempt and a retry time, as any delivery failure does; nothing stays claimed."""
+    path = write_config(tmp_path, database_url=database_url)
+    config = load_config(path)
+    await asyncio.to_thread(db.upgrade, config.database_url)
+    app = build_app(config, clock=clock, parse_workers=0)
+    try:
+        await customers(app, 1)
+        app.maildir.parent.mkdir(parents=True, exist_ok=True)
+        app.maildir.write_text("not a folder")
+        assert await flush(app) == 2
+        rows = await deliveries(app)
+    finally:
+        await app.close()
+    assert {(r.status, r.attempts, r.claimed_until) for r in rows} == {("deferred", 1, None)}
+    assert {r.last_error for r in rows} == {"0 maildir: Not a directory"}
+
+
 async def test_a_crash_between_the_relays_250_and_our_commit_resends_the_same_message_id(
     tmp_path: Path, database_url: str, clock: Clock, smtp_sink: SmtpSink
 ) -> None:
