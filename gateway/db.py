@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm import Session, configure_mappers, make_transient_to_detached
 from sqlalchemy.orm.instrumentation import manager_of_class
 
 from gateway import sqlite_inline
@@ -77,13 +77,16 @@ def loaded(session: AsyncSession, model: Any, **values: Any) -> Any:
     """An object for a row just written as Core (its id among `values`), held by the session
     as if it had been loaded: later changes to it are flushed as UPDATEs, and no INSERT, unit
     of work or flush is spent on it. Columns `values` leave out get their Python defaults,
-    as the insert did (or None), so no attribute is left to load."""
+    as the insert did (or None), so no attribute is left to load. Unlike a pending object,
+    it is expired by a rollback, like anything loaded: do not read it after one."""
     for column in model.__table__.columns:
         if column.key not in values:
             fill = _column_default(column.default)
             values[column.key] = None if fill is None else fill()
     # Filled as the ORM fills an object it loads (straight into its __dict__), not through
     # the constructor's instrumented attributes: ~6 µs, not ~46.
+    if not model.__mapper__.configured:  # as the constructor would, on a first use
+        configure_mappers()
     obj = manager_of_class(model).new_instance()
     obj.__dict__.update(values)
     make_transient_to_detached(obj)
@@ -103,8 +106,13 @@ _AT_COMMIT = "db.at_commit"  # session.info key: rows written when the transacti
 def insert_at_commit(session: AsyncSession, model: Any, row: dict[str, Any]) -> None:
     """Insert `row` when the session's transaction commits (one executemany for all the
     transaction's rows of a table, in the order given), for rows nothing reads back within
-    the transaction: the audit log's. A rollback forgets them, as it does pending objects."""
-    session.sync_session.info.setdefault(_AT_COMMIT, {}).setdefault(model, []).append(row)
+    the transaction: the audit log's. When the transaction ends any other way (a rollback,
+    a close) they are forgotten, as pending objects are. Not inside a savepoint, whose
+    rollback could not take them back."""
+    sync = session.sync_session
+    if not sync.in_transaction() or sync.in_nested_transaction():
+        raise RuntimeError("insert_at_commit needs a transaction, and not a savepoint")
+    sync.info.setdefault(_AT_COMMIT, {}).setdefault(model, []).append(row)
 
 
 @event.listens_for(Session, "before_commit")
@@ -114,9 +122,9 @@ def _write_at_commit(session: Session) -> None:
         session.connection().execute(model.__table__.insert(), rows)
 
 
-@event.listens_for(Session, "after_soft_rollback")
-def _forget_at_commit(session: Session, previous: Any) -> None:
-    if previous.parent is None:  # the transaction, not a savepoint (none is used with these)
+@event.listens_for(Session, "after_transaction_end")
+def _forget_at_commit(session: Session, transaction: Any) -> None:
+    if transaction.parent is None:  # the transaction, not a savepoint
         session.info.pop(_AT_COMMIT, None)
 
 

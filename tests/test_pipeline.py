@@ -273,6 +273,17 @@ async def test_rows_written_as_core_behave_as_loaded_objects(app: App, backend: 
         async with app.sessions() as session, session.begin():
             db.insert_at_commit(session, Event, audit("rolled back"))
             raise RuntimeError("roll back")
+    session = app.sessions()
+    with pytest.raises(RuntimeError):
+        db.insert_at_commit(session, Event, audit("outside a transaction"))
+    await session.get(Ticket, ticket.id)  # begins one
+    db.insert_at_commit(session, Event, audit("closed, not committed"))
+    await session.close()  # ends the transaction without a rollback of its own
+    async with session.begin():  # the same session, used again
+        with pytest.raises(RuntimeError):
+            async with session.begin_nested():
+                db.insert_at_commit(session, Event, audit("in a savepoint"))
+    await session.close()
     async with app.sessions() as session:
         stored = await session.get(Ticket, ticket.id)
         assert stored is not None and stored.status == "open"
