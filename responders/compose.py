@@ -144,6 +144,7 @@ _ALNUM = re.compile(r"[A-Za-z0-9]")
 # RFC 2047 5(3): what a Q-encoded word in a phrase may carry as itself; "_" is a space.
 _Q_LITERAL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
 _Q_WORD_TEXT = 48  # encoded text per word: "=?utf-8?q?" + 48 + "?=" fits after "Reply-To: "
+_ENCODED_LINE = 76  # RFC 2047 section 2: a line with an encoded word, at most
 
 
 def _q_words(phrase: str) -> list[str]:
@@ -180,7 +181,7 @@ def _encoded_addresses(name: str, addresses: list[HeaderAddress]) -> bytes | Non
     tokens[-1] = tokens[-1].removesuffix(",")
     lines, line = [], f"{name}:"
     for token in tokens:
-        if len(line) + 1 + len(token) > _FOLD_AT and line != f"{name}:":
+        if len(line) + 1 + len(token) > _ENCODED_LINE and line != f"{name}:":
             lines.append(line)
             line = ""
         line += f" {token}"

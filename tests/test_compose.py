@@ -522,8 +522,8 @@ def test_quoted_printable_matches_the_stdlib_encoder() -> None:
 def test_names_that_are_not_ascii_are_encoded_words_that_parse_back() -> None:
     """Seeded random display names with letters from many scripts, specials, emoji and
     long runs, one to three addresses: the header `_header` writes without the policy parses
-    back (email package, default policy) to the same names and addresses, and its lines stay
-    within 78 octets."""
+    back to the same names and addresses, and its lines stay within the 76 octets RFC 2047
+    allows a line with an encoded word."""
     import random
 
     from parsing.headers import addresses
@@ -549,7 +549,7 @@ def test_names_that_are_not_ascii_are_encoded_words_that_parse_back() -> None:
         assert raw.endswith(b"\r\n") and raw.isascii()
         lines = raw.removesuffix(b"\r\n").split(b"\r\n")
         assert all(line.startswith(b" ") for line in lines[1:])
-        assert all(len(line) <= 78 or b" " not in line.strip() for line in lines)
+        assert all(len(line) <= 76 or b" " not in line.strip() for line in lines)
         # Read back as the gateway reads mail (RFC 2047: the space between two encoded
         # words is dropped; the email package's header parser keeps it, for its own
         # policy's output too).
