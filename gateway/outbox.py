@@ -265,9 +265,9 @@ class OutboxWorker:
 
     async def _claim(self, limit: int, *, per_round: int) -> list[Delivery]:
         """Claim up to `limit` due rows. They go out `per_round` at a time (the pool's
-        connections), so each row's lease covers the rounds before its own: a row is never
-        left to lapse while it waits for a connection, yet a crash keeps the first rows
-        (nearly all, when sends are quick) from retrying no longer than before."""
+        connections), so each row's lease covers the rounds before its own: a row never
+        lapses while it waits for a connection, and after a crash the first round's rows
+        wait no longer than before for another worker to take them."""
         now = self.app.clock()
         lease = self.app.config.outbound.timeout_seconds * 4  # one send, a retry included
         async with self.app.writing(), self.app.sessions() as session, session.begin():
