@@ -232,7 +232,8 @@ class App:
         A busy lock is tried again after a pause, by which time the pipeline's next group
         has taken it: the outbox's short transactions waited for the pipeline's whole
         backlog (acknowledgements seconds late at 100 new tickets a second). With turns, a
-        waiting writer goes next. PostgreSQL locks rows, so there writers need no turns."""
+        waiting writer goes next. The pipeline, the outbox, the timers and the move from the
+        intake file all take turns. PostgreSQL locks rows, so there writers need no turns."""
         if self.engine.dialect.name != "sqlite":
             return contextlib.nullcontext()
         return self._write_turn

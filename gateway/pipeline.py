@@ -494,7 +494,7 @@ async def _process_batch(app: App, batch_rows: Parsed, counts: dict[str, int]) -
 
 async def retry_quarantined(app: App) -> int:
     """Put mail that failed fewer than `max_attempts` times back in line."""
-    async with app.sessions() as session, session.begin():
+    async with app.writing(), app.sessions() as session, session.begin():
         result = await session.execute(
             update(RawMail)
             .where(

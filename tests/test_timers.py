@@ -133,3 +133,28 @@ class TestPremier:
             assert [p.recipient for p in pages] == ["oncall@example.com"]
         finally:
             await app.close()
+
+
+async def test_timers_and_the_intake_move_wait_for_their_turn_at_the_write_lock(app: App) -> None:
+    """On SQLite every writer of the worker takes its turn (`App.writing`), so none of them
+    is starved by the pipeline's groups coming back to back."""
+    from gateway.intake import move_received
+    from gateway.pipeline import retry_quarantined
+    from gateway.spool import insert_raw, raw_row
+
+    assert app.intake_file  # SQLite: the spool writes a file of its own, moved in by turns
+    row = raw_row(
+        mail(), mail_from="jane@customer.org", rcpt_tos=["support@example.com"], source="smtp",
+        now=app.clock(),
+    )  # fmt: skip
+    async with app.intake() as session, session.begin():
+        await insert_raw(session, [row])
+    async with app.writing():
+        waiting = [
+            asyncio.ensure_future(fire_due(app)),
+            asyncio.ensure_future(move_received(app)),
+            asyncio.ensure_future(retry_quarantined(app)),
+        ]
+        await asyncio.sleep(0.2)
+        assert not any(task.done() for task in waiting)
+    assert (await asyncio.gather(*waiting))[1] == 1  # the stored mail moved in
