@@ -28,12 +28,12 @@ from gateway.db import insert_rows
 from gateway.models import Delivery, DeliveryAttempt, Suppression, Ticket
 from responders.compose import is_safe_address
 from responders.transport import (
-    RecipientResult,
     Relay,
     SendResult,
     SmtpPool,
     deliver_maildir,
     deliver_maildir_many,
+    everyone,
 )
 
 log = logging.getLogger(__name__)
@@ -176,12 +176,6 @@ async def enqueue(
         "deadline_at": deadline,
     }
     await insert_rows(session, Delivery, [{**common, "recipient": r} for r in recipients])
-
-
-def _failure(row: Delivery, reply: str) -> SendResult:
-    """A try that failed on our side: temporary, so the row is tried again later."""
-    failed = RecipientResult(recipient=row.recipient, outcome="temporary", code=0, reply=reply)
-    return SendResult(per_recipient=(failed,))
 
 
 def _outcome(result: SendResult | str) -> tuple[str, int, str]:
@@ -368,7 +362,8 @@ class OutboxWorker:
                     result = await self._send(row)
             except Exception as exc:
                 log.error("delivery %s raised %s", row.id, type(exc).__name__)
-                result = _failure(row, f"internal error: {type(exc).__name__}")
+                reply = f"internal error: {type(exc).__name__}"
+                result = everyone([row.recipient], "temporary", 0, reply)
         done.put_nowait((row, result))
 
     async def _deliver_all(self, rows: list[Delivery], done: asyncio.Queue[_Result]) -> None:
@@ -400,7 +395,8 @@ class OutboxWorker:
                     continue
                 log.error("delivery %s to the Maildir failed: %s", row.id, name)
                 why = (isinstance(name, OSError) and name.strerror) or str(name)
-                done.put_nowait((row, _failure(row, f"maildir: {why or type(name).__name__}")))
+                reply = f"maildir: {why or type(name).__name__}"
+                done.put_nowait((row, everyone([row.recipient], "temporary", 0, reply)))
 
     async def _recorder(self, done: asyncio.Queue[_Result], expected: int) -> int:
         """Record results as they come, all that wait in one commit (a group commit): a stop

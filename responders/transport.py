@@ -32,6 +32,7 @@ __all__ = [
     "SmtpPool",
     "deliver_maildir",
     "deliver_maildir_many",
+    "everyone",
     "send_smtp",
 ]
 
@@ -81,7 +82,8 @@ def _outcome(code: int) -> Outcome:
     return "permanent" if 500 <= code < 600 else "temporary"
 
 
-def _everyone(recipients: Sequence[str], outcome: Outcome, code: int, reply: str) -> SendResult:
+def everyone(recipients: Sequence[str], outcome: Outcome, code: int, reply: str) -> SendResult:
+    """One outcome for every recipient: a send that failed before RCPT, say."""
     return SendResult(tuple(RecipientResult(r, outcome, code, reply) for r in recipients))
 
 
@@ -124,7 +126,7 @@ async def _transaction(
         await client.mail(mail_from)
     except SMTPResponseException as exc:
         await _reset(client)
-        return _everyone(recipients, _outcome(exc.code), exc.code, exc.message)
+        return everyone(recipients, _outcome(exc.code), exc.code, exc.message)
     except (SMTPException, OSError) as exc:
         raise _NothingSent(exc) from exc
     refused: dict[str, RecipientResult] = {}
@@ -167,9 +169,9 @@ async def send_smtp(
         await _quit(client)
         return result
     except SMTPResponseException as exc:  # refused greeting, EHLO, STARTTLS or AUTH
-        return _everyone(recipients, _outcome(exc.code), exc.code, exc.message)
+        return everyone(recipients, _outcome(exc.code), exc.code, exc.message)
     except (SMTPException, OSError, _NothingSent) as exc:
-        return _everyone(recipients, "temporary", 0, _error_text(exc))
+        return everyone(recipients, "temporary", 0, _error_text(exc))
     finally:
         client.close()
 
@@ -221,14 +223,14 @@ class SmtpPool:
             keep = client.is_connected and not self._closed
             return result
         except SMTPResponseException as exc:
-            return _everyone(recipients, _outcome(exc.code), exc.code, exc.message)
+            return everyone(recipients, _outcome(exc.code), exc.code, exc.message)
         except _NothingSent as exc:
             if reused and retry:
                 client.close()
                 return await self._send_once(mail_from, recipients, data, retry=False)
-            return _everyone(recipients, "temporary", 0, str(exc))
+            return everyone(recipients, "temporary", 0, str(exc))
         except (SMTPException, OSError) as exc:
-            return _everyone(recipients, "temporary", 0, _error_text(exc))
+            return everyone(recipients, "temporary", 0, _error_text(exc))
         finally:
             if keep:
                 self._idle.append(client)
