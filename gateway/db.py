@@ -234,11 +234,8 @@ def _raw_of(compiled: Any, statement: Any, keys: tuple[str, ...], dialect: Any) 
 async def scalar(session: AsyncSession, statement: Any, params: Mapping[str, Any]) -> Any:
     """The first column of the first row `statement` (built once, kept) returns, or None;
     it reads rows as they are in the database, with no autoflush of pending ORM changes."""
-    result = await _run(session, statement, [params])
-    if isinstance(result, sqlite3.Cursor):
-        row = result.fetchone()
-        return None if row is None else row[0]
-    return result.scalar()
+    row = await _first_row(session, statement, params)
+    return None if row is None else row[0]
 
 
 async def first(
@@ -249,11 +246,14 @@ async def first(
     sync = session.sync_session
     if sync.autoflush and (sync.new or sync.dirty or sync.deleted):
         await session.flush()
+    return await _first_row(session, statement, params)
+
+
+async def _first_row(
+    session: AsyncSession, statement: Any, params: Mapping[str, Any]
+) -> tuple[Any, ...] | None:
     result = await _run(session, statement, [params])
-    if isinstance(result, sqlite3.Cursor):
-        row = result.fetchone()
-    else:
-        row = result.first()
+    row = result.fetchone() if isinstance(result, sqlite3.Cursor) else result.first()
     return None if row is None else tuple(row)
 
 
