@@ -9,7 +9,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +17,7 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.config import Config
-from gateway.db import make_engine, sessionmaker
+from gateway.db import make_engine, session_scope, sessionmaker
 from gateway.intake import intake_url
 from gateway.intake import setup as intake_setup
 from parsing.mime import Limits, MessageRejected, parse_message
@@ -237,6 +237,12 @@ class App:
         if self.engine.dialect.name != "sqlite":
             return contextlib.nullcontext()
         return self._write_turn
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """A read-write transaction of the worker's, taken at its turn (`writing`)."""
+        async with self.writing(), session_scope(self.sessions) as session:
+            yield session
 
     async def pause(self, event: asyncio.Event, seconds: float) -> None:
         """Wait for `event`, `seconds`, or a stop, whichever comes first."""

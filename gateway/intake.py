@@ -97,7 +97,7 @@ async def move_received(app: App) -> int:
         rows = list((await session.execute(query.limit(MOVE_BATCH))).all())
     if not rows:
         return 0
-    async with app.writing(), app.sessions() as session, session.begin():
+    async with app.transaction() as session:
         # Read again under the write lock: another process may have moved some meanwhile.
         query = select(IntakeMark.last_id).where(IntakeMark.epoch == epoch)
         known = (await session.execute(query)).scalar()

@@ -264,7 +264,7 @@ class OutboxWorker:
         wait no longer than before for another worker to take them."""
         now = self.app.clock()
         lease = self.app.config.outbound.timeout_seconds * 4  # one send, a retry included
-        async with self.app.writing(), self.app.sessions() as session, session.begin():
+        async with self.app.transaction() as session:
             query = (
                 select(Delivery)
                 .where(
@@ -302,7 +302,7 @@ class OutboxWorker:
         untried = [
             {"row": row.id, "ours": row.claimed_until} for row, result in results if result is None
         ]
-        async with self.app.writing(), self.app.sessions() as session, session.begin():
+        async with self.app.transaction() as session:
             if untried:  # handed back at once, unless another worker holds it by now
                 await (await session.connection()).execute(_RELEASE, untried)
             attempts = [

@@ -297,7 +297,7 @@ async def process_one(
         await _mark(app, raw.id, "quarantined", f"parse failed: {parsed!r}"[:2000], now=now)
         return "quarantined"
     try:
-        async with app.writing(), app.sessions() as session, session.begin():
+        async with app.transaction() as session:
             state = await _process_in(session, app, raw, parsed, now=now, dkim=dkim)
         return state
     except Exception as exc:
@@ -368,7 +368,7 @@ async def process_group(
     now = app.clock()
     app.intake_waiting.clear()
     try:
-        async with app.writing(), app.sessions() as session, session.begin():
+        async with app.transaction() as session:
             for raw, parsed in items:
                 verdict = verdicts.get(raw.id)
                 state = await _process_in(session, app, raw, parsed, now=now, dkim=verdict)
@@ -391,7 +391,7 @@ async def process_group(
 async def _mark(
     app: App, raw_id: int, state: str, error: str, *, now: datetime, attempts: int | None = None
 ) -> None:
-    async with app.writing(), app.sessions() as session, session.begin():
+    async with app.transaction() as session:
         values: dict[str, object] = {
             "state": state,
             "note": error,
@@ -494,7 +494,7 @@ async def _process_batch(app: App, batch_rows: Parsed, counts: dict[str, int]) -
 
 async def retry_quarantined(app: App) -> int:
     """Put mail that failed fewer than `max_attempts` times back in line."""
-    async with app.writing(), app.sessions() as session, session.begin():
+    async with app.transaction() as session:
         result = await session.execute(
             update(RawMail)
             .where(

@@ -91,7 +91,7 @@ async def fire_due(app: App, *, now: datetime | None = None) -> dict[str, int]:
     fired: dict[str, int] = {}
     for name, column, action in TIMERS:
         while True:
-            async with app.writing(), app.sessions() as session, session.begin():
+            async with app.transaction() as session:
                 query = (
                     select(Ticket)
                     .where(column.is_not(None), column <= now)
