@@ -26,6 +26,7 @@ import tempfile
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,6 +45,9 @@ from common import (
     verdict,
     write_config,
 )
+
+if TYPE_CHECKING:
+    from gateway.app import App
 
 # -- the sink, in its own process ------------------------------------------------------------
 
@@ -208,29 +212,10 @@ def latency(args: argparse.Namespace, sink: SinkProcess, tmp: Path) -> None:
 async def _outbox(args: argparse.Namespace, sink: SinkProcess, tmp: Path) -> None:
     import aiosmtplib
 
-    from gateway.app import build_app
-    from gateway.config import load
-    from gateway.outbox import OutboxWorker, enqueue
-
-    cfg = write_config(tmp / "outbox", port=free_port(), smarthost=f"127.0.0.1:{sink.port}")
-    upgrade(cfg)
-    config = load(cfg, env={"SUPPORTGATE_SECRET": SECRET})
-    app = build_app(config, parse_workers=0)
     data = _sample_ack()
     n = args.deliveries
-    async with app.sessions() as session, session.begin():
-        for i in range(n):
-            await enqueue(
-                session,
-                config,
-                data=data,
-                message_id=f"bench-{i}@example.com",
-                recipients=[f"customer{i}@customer.org"],
-                kind="acknowledgement",
-                automatic=True,
-                now=app.clock(),
-            )
-    size = config.outbound.pool_size
+    app = await _queued(tmp / "outbox", f"127.0.0.1:{sink.port}", data, n)
+    size = app.config.outbound.pool_size
     print(f"{n} queued deliveries of {len(data)} bytes, pool_size {size}")
 
     # plain aiosmtplib: `size` persistent connections, the same bytes
@@ -252,27 +237,13 @@ async def _outbox(args: argparse.Namespace, sink: SinkProcess, tmp: Path) -> Non
     plain_seen = sink.ask("count")
 
     sink.ask("reset")
-    worker = OutboxWorker(app)
     profiler = cProfile.Profile(time.thread_time) if args.profile else None
-    cpu = time.thread_time()
-    began = time.perf_counter()
-    if profiler:
-        profiler.enable()
-    attempts = await worker.flush()
-    if profiler:
-        profiler.disable()
-    took = time.perf_counter() - began
-    cpu = time.thread_time() - cpu
-    await worker.close()
-    ours = attempts / took
-    seen = sink.ask("count")
+    ours, cpu_ms = await _timed_flush(app, profiler)
     print(f"  plain aiosmtplib   {plain:6.0f} msg/s   ({plain_seen} at the sink)")
     print(
-        f"  OutboxWorker.flush {ours:6.0f} msg/s   ({seen} at the sink) "
-        f"= {ours / plain:.2f}× plain;"
-        f" event-loop CPU {cpu / max(attempts, 1) * 1e3:.2f} ms per delivery"
+        f"  OutboxWorker.flush {ours:6.0f} msg/s   ({sink.ask('count')} at the sink) "
+        f"= {ours / plain:.2f}× plain; event-loop CPU {cpu_ms:.2f} ms per delivery"
     )
-    await app.close()
     await _maildir(args, tmp, data)
     if profiler:
         print("\n--- OutboxWorker.flush, CPU profile ---")
@@ -284,15 +255,28 @@ async def _maildir(args: argparse.Namespace, tmp: Path, data: bytes) -> None:
     """The embedded default (no smarthost): the same deliveries into the local Maildir,
     beside a baseline loop writing the same bytes one file at a time (write, fsync, rename,
     fsync of new/), as a sender without the outbox's records would."""
+    app = await _queued(tmp / "maildir", "", data, args.deliveries)
+    plain = _plain_maildir(tmp / "plain-maildir", data, args.deliveries)
+    new = app.maildir / "new"
+    ours, cpu_ms = await _timed_flush(app)
+    print(f"  plain file writes  {plain:6.0f} msg/s   (Maildir, one fsync'd file at a time)")
+    print(
+        f"  OutboxWorker.flush {ours:6.0f} msg/s   ({len(list(new.iterdir()))} in the Maildir) "
+        f"= {ours / plain:.2f}× plain; event-loop CPU {cpu_ms:.2f} ms per delivery"
+    )
+
+
+async def _queued(folder: Path, smarthost: str, data: bytes, n: int) -> App:
+    """A gateway on a fresh database (`smarthost` "" for the Maildir) with `n` deliveries of
+    `data` queued, each to its own recipient."""
     from gateway.app import build_app
     from gateway.config import load
-    from gateway.outbox import OutboxWorker, enqueue
+    from gateway.outbox import enqueue
 
-    cfg = write_config(tmp / "maildir", port=free_port(), smarthost="")
+    cfg = write_config(folder, port=free_port(), smarthost=smarthost)
     upgrade(cfg)
     config = load(cfg, env={"SUPPORTGATE_SECRET": SECRET})
     app = build_app(config, parse_workers=0)
-    n = args.deliveries
     async with app.sessions() as session, session.begin():
         for i in range(n):
             await enqueue(
@@ -305,23 +289,27 @@ async def _maildir(args: argparse.Namespace, tmp: Path, data: bytes) -> None:
                 automatic=True,
                 now=app.clock(),
             )
-    plain = _plain_maildir(tmp / "plain-maildir", data, n)
+    return app
+
+
+async def _timed_flush(app: App, profiler: cProfile.Profile | None = None) -> tuple[float, float]:
+    """One OutboxWorker.flush of what `app` has queued, then the app closed: deliveries a
+    second, and the event loop's CPU in ms per delivery."""
+    from gateway.outbox import OutboxWorker
+
     worker = OutboxWorker(app)
     cpu = time.thread_time()
     began = time.perf_counter()
+    if profiler:
+        profiler.enable()
     attempts = await worker.flush()
+    if profiler:
+        profiler.disable()
     took = time.perf_counter() - began
     cpu = time.thread_time() - cpu
     await worker.close()
     await app.close()
-    written = len(list((config.data_dir / "outbox-maildir" / "new").iterdir()))
-    ours = attempts / took
-    print(f"  plain file writes  {plain:6.0f} msg/s   (Maildir, one fsync'd file at a time)")
-    print(
-        f"  OutboxWorker.flush {ours:6.0f} msg/s   ({written} in the Maildir) "
-        f"= {ours / plain:.2f}× plain; event-loop CPU {cpu / max(attempts, 1) * 1e3:.2f} ms"
-        " per delivery"
-    )
+    return attempts / took, cpu / max(attempts, 1) * 1e3
 
 
 def _plain_maildir(folder: Path, data: bytes, n: int) -> float:
