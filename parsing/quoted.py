@@ -75,6 +75,24 @@ _MOBILE_WORDS = re.compile(
     re.IGNORECASE,
 )
 
+# What any of the markers above can start with: one search that fails on most lines of prose
+# instead of seven (each pattern starts at the line's first non-space character).
+_MAY_END_NEW_TEXT = re.compile(
+    "|".join(
+        f"(?:{p.pattern})"
+        for p in (
+            _UNDERSCORES,
+            _DASH_SEPARATOR,
+            _BEGIN_FORWARD,
+            _OUTLOOK_PROMO,
+            _VON_MEINEM,
+            _JA_SENT_FROM,
+            _MOBILE_LEAD,
+        )
+    ),
+    re.IGNORECASE,
+)
+
 # --- attribution lines ---------------------------------------------------------------------
 
 _VERBS = (
@@ -93,6 +111,7 @@ _GMAIL_ISO = re.compile(r"\d{4}-\d{2}-\d{2} \d{1,2}:\d{2} GMT[+-]\d{1,2}:\d{2}(?
 _ENDS_WITH_ADDRESS = re.compile(r"@[^\s@]+\s*[>\])]?\s*[:：]\s*$")
 _ENDS_WITH_COLON = re.compile(r"[:：]\s*$")
 _DIGIT = re.compile(r"\d")
+_MARK = re.compile(r"[\d@]")
 _YEAR = re.compile(r"(?<!\d)(?:19|20)\d\d(?!\d)")
 _TIME = re.compile(r"(?<!\d)\d{1,2}[:.]\d{2}(?!\d)")
 
@@ -136,6 +155,9 @@ def extract_new_text(text: str) -> str:
     header block, separator or signature ends the new text.
     """
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    # Every attribution has a digit or an '@': where no line of the next few has either, no
+    # attribution starts, and most lines of prose are passed over with no more regex work.
+    marked = [_MARK.search(line) is not None for line in lines]
     kept: list[str] = []
     header_kinds: dict[int, str | None] = {}  # memo: a header block is looked at line by line
     after_quote = False
@@ -155,7 +177,7 @@ def extract_new_text(text: str) -> str:
             continue
         if _ends_new_text(line):
             break
-        end = _attribution_end(lines, i)
+        end = _attribution_end(lines, i) if any(marked[i : i + _MAX_JOINED_LINES]) else -1
         if end > i:
             j = end
             while j < n and not lines[j].strip():
@@ -212,6 +234,8 @@ def _ends_new_text(line: str) -> bool:
         return False
     if stripped == "--":
         return True  # "-- ", the signature delimiter, often loses its trailing space
+    if not _MAY_END_NEW_TEXT.match(line):
+        return False
     return bool(
         _UNDERSCORES.match(line)
         or _DASH_SEPARATOR.match(line)
@@ -300,6 +324,8 @@ def _continues_header(line: str) -> bool:
 
 def _is_header_block(lines: list[str], i: int, memo: dict[int, str | None]) -> bool:
     """Whether a forwarded/replied header block ("From:", "Sent:", "Subject:" …) starts at i."""
+    if ":" not in lines[i] and "：" not in lines[i]:
+        return False  # its first line is a header (`_header_kind`), and has a colon
     kinds: set[str] = set()
     for j in range(i, min(i + _HEADER_BLOCK_SPAN, len(lines))):
         if not lines[j].strip():
@@ -315,7 +341,7 @@ def _is_header_block(lines: list[str], i: int, memo: dict[int, str | None]) -> b
 
 
 def _header_kind(line: str) -> str | None:
-    if len(line) > _MAX_MARKER_LINE:
+    if len(line) > _MAX_MARKER_LINE or (":" not in line and "：" not in line):
         return None
     match = _HEADER_LINE.match(line)
     if not match:
