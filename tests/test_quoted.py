@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import json
+import re
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -593,3 +594,24 @@ HOSTILE_HTML = [
 def test_hostile_html_renders(name: str, html: str, expected: str) -> None:
     """Inputs that make html.parser rescan the document per '<' are defused (see _tidy)."""
     assert html_to_text(html) == expected
+
+
+def test_every_end_marker_is_in_the_prefilter() -> None:
+    """`_ends_new_text` tries its line patterns only where one alternation of them all
+    matches: a pattern left out of it would silently never end the new text. The line
+    patterns are those the two functions name that start at the line's first non-space."""
+    from parsing import quoted
+
+    names = {
+        *quoted._ends_new_text.__code__.co_names,
+        *quoted._is_mobile_signature.__code__.co_names,
+    }
+    line_patterns = [
+        pattern
+        for name in names - {"_MAY_END_NEW_TEXT"}
+        if isinstance(pattern := getattr(quoted, name, None), re.Pattern)
+        and pattern.pattern.startswith(r"\s*")
+    ]
+    assert len(line_patterns) == 7
+    for pattern in line_patterns:
+        assert f"(?:{pattern.pattern})" in quoted._MAY_END_NEW_TEXT.pattern
