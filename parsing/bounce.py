@@ -209,6 +209,8 @@ def _parse(msg: Message) -> Bounce | None:
     report_type = str(msg.get_param("report-type", "") or "").lower()
     if msg.get_content_type() == "multipart/report" and report_type in _NOT_BOUNCE_REPORTS:
         return None
+    if not _sent_by_mail_system(msg) and not _may_be_standard(msg):
+        return None  # decided below as well, but only after reading every text part
     report = _collect(msg)
     if report is None:
         return None
@@ -233,6 +235,20 @@ def _parse(msg: Message) -> Bounce | None:
         original_envelope_from=_original_envelope_from(report, per_message),
         reporting_mta=_strip_type(per_message.get("reporting-mta", "")),
         standard=standard,
+    )
+
+
+def _may_be_standard(msg: Message) -> bool:
+    """Whether `_collect` could find the report standard: declared, or with a status part."""
+    return _declared_report(msg) or any(
+        part.get_content_type() in _STATUS_PARTS for part in _parts(msg)
+    )
+
+
+def _declared_report(msg: Message) -> bool:
+    return (
+        msg.get_content_type() == "multipart/report"
+        and str(msg.get_param("report-type", "") or "").lower() == "delivery-status"
     )
 
 
@@ -262,10 +278,7 @@ def _collect(msg: Message) -> _Report | None:
     body = "\n".join(texts or htmls)[:_MAX_TEXT]
     if not groups:
         groups = [g for g in _field_groups(body) if _group_address(g) and _group_outcome(g)]
-    declared = (
-        msg.get_content_type() == "multipart/report"
-        and str(msg.get_param("report-type", "") or "").lower() == "delivery-status"
-    )
+    declared = _declared_report(msg)
     return _Report(
         text=_cut_original(body),
         body=body,
