@@ -22,6 +22,7 @@ from gateway.intake import intake_url
 from gateway.intake import setup as intake_setup
 from parsing.mime import Limits, MessageRejected, parse_message
 from parsing.model import ParsedMessage
+from responders.drafts import Draft, Written, write_all, write_each
 from responders.render import Renderer
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,63 @@ def _parse_all(raws: list[bytes], limits: Limits) -> list[ParsedMessage | BaseEx
     return results
 
 
+class ComposerLost(Exception):
+    """The composer process died or ran past its deadline; the notices are written again."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandedOver:
+    """Drafts on their way through a composer process (or, with none, already written)."""
+
+    future: asyncio.Future[list[Written | Exception]]
+    pool: concurrent.futures.ProcessPoolExecutor | None
+
+
+class Composer:
+    """Writes notices (`responders.drafts`) in a process of its own.
+
+    Rendering and composing took a fifth of the pipeline's loop, and need nothing from its
+    transaction: the pipeline hands drafts over as it decides them, goes on with the next
+    message, and collects them before it commits. With no workers (the parser's setting) it
+    writes them when they are handed over.
+    """
+
+    def __init__(
+        self, *, workers: int, timeout: float, templates: Path | None, renderer: Renderer
+    ) -> None:
+        self.timeout = timeout
+        self._templates = templates
+        self._renderer = renderer
+        self._writing = _Processes(workers)
+
+    def hand_over(self, drafts: list[Draft]) -> HandedOver:
+        loop = asyncio.get_running_loop()
+        pool = self._writing.get()
+        if pool is None:
+            future: asyncio.Future[list[Written | Exception]] = loop.create_future()
+            future.set_result(write_each(self._renderer, drafts))
+            return HandedOver(future, None)
+        return HandedOver(loop.run_in_executor(pool, write_all, self._templates, drafts), pool)
+
+    async def collect(self, handed: Sequence[HandedOver]) -> list[Written | Exception]:
+        """What was handed over, in order, within `timeout` of asking. A lost or late process
+        is replaced, and ComposerLost raised: the caller writes them again its own way."""
+        results: list[Written | Exception] = []
+        try:
+            async with asyncio.timeout(self.timeout):
+                for item in handed:
+                    results.extend(await item.future)
+        except (TimeoutError, concurrent.futures.process.BrokenProcessPool) as exc:
+            for item in handed:
+                item.future.cancel()
+                self._writing.recycle(item.pool)
+            raise ComposerLost(f"the composer process was lost: {exc!r}") from None
+        return results
+
+    def close(self) -> None:
+        self._writing.close()
+
+
 @dataclass
 class App:
     config: Config
@@ -214,6 +272,7 @@ class App:
     intake_file: bool
     renderer: Renderer
     parser: Parser
+    composer: Composer
     clock: Callable[[], datetime] = utcnow
     wake_pipeline: asyncio.Event = field(default_factory=asyncio.Event)
     wake_outbox: asyncio.Event = field(default_factory=asyncio.Event)
@@ -263,6 +322,7 @@ class App:
 
     async def close(self) -> None:
         self.parser.close()
+        self.composer.close()
         await self.engine.dispose()
         await self.reader_engine.dispose()
         await self.intake_engine.dispose()
@@ -291,6 +351,7 @@ def build_app(
         max_depth=config.pipeline.max_depth,
     )
     workers = config.pipeline.parse_workers if parse_workers is None else parse_workers
+    renderer = Renderer(templates)
     return App(
         config=config,
         engine=engine,
@@ -302,9 +363,16 @@ def build_app(
         intake_reader_engine=intake_reader,
         intake_readers=sessionmaker(intake_reader),
         intake_file=side_file is not None,
-        renderer=Renderer(templates),
+        renderer=renderer,
         parser=Parser(
             workers=workers, timeout=config.pipeline.parse_timeout_seconds, limits=limits
+        ),
+        # One process: a notice takes it about half a millisecond.
+        composer=Composer(
+            workers=min(workers, 1),
+            timeout=config.pipeline.parse_timeout_seconds,
+            templates=templates,
+            renderer=renderer,
         ),
         clock=clock,
     )

@@ -5,18 +5,23 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
-from gateway.app import App
+from gateway.app import App, HandedOver
 from gateway.db import insert_row
 from gateway.models import Message, RefusedForward, Ticket
-from gateway.outbox import automatic_gate, enqueue
-from gateway.tickets import event, remember_ids
+from gateway.outbox import Promised, automatic_gate, enqueue
+from gateway.tickets import event as audit
+from gateway.tickets import remember_ids
 from parsing.model import Address, Attachment
 from responders.compose import compose
+from responders.drafts import Draft, Written, write
 from responders.tokens import message_id_for, reply_token
 
 log = logging.getLogger(__name__)
@@ -113,9 +118,11 @@ async def send_notice(
     """Render, compose and queue a notice; automatic mail passes the loop gate first.
 
     Returns the notice's Message-ID, or None when nothing was sent to anyone. With `record`
-    it is stored on the ticket as an outbound message.
+    it is stored on the ticket as an outbound message. In a transaction that `defer`s its
+    notices, it is rendered and composed beside the transaction and stored by `flush`.
     """
     config = app.config
+    deferred: _Deferred | None = session.sync_session.info.get(_DEFERRED)
     recipients: list[Address] = []
     for person in [*to, *cc]:
         gate = await automatic_gate(
@@ -126,9 +133,10 @@ async def send_notice(
             ticket=ticket,
             now=now,
             capped=capped and automatic,
+            promised=deferred.promised if deferred else None,
         )
         if not gate.allowed:
-            event(
+            audit(
                 session,
                 ticket,
                 at=now,
@@ -157,9 +165,7 @@ async def send_notice(
     if not recipients:
         return None
     extra = {**(extra or {}), "body": body} if name == "agent_reply" else extra
-    notice = app.renderer.render(
-        name, context_for(app, ticket, reply=reply, agent=agent, extra=extra)
-    )
+    context = context_for(app, ticket, reply=reply, agent=agent, extra=extra)
     cc_recipients = [r for r in recipients if r not in to]
     to_recipients = [r for r in recipients if r in to] or cc_recipients[:1]
     mid = message_id_for(
@@ -173,58 +179,181 @@ async def send_notice(
     local, _, domain = ticket.mailbox.partition("@")
     token = reply_token(ticket_ref=ticket.ref, agent=reply_token_for, secret=config.secret)
     references = (*reply.references, reply.message_id) if reply and reply.message_id else ()
-    data = compose(
-        notice,
-        from_addr=from_addr,
-        to=to_recipients,
-        cc=[r for r in cc_recipients if r not in to_recipients],
-        message_id=mid,
-        attachments=[(a.filename, a.content_type, a.data) for a in attachments],
-        in_reply_to=reply.message_id if reply and reply.message_id else None,
-        references=references,
-        reply_to=Address(f"{local}+{token}@{domain}", from_addr.name),
-        auto_submitted=("auto-generated" if name in TIMER_NOTICES else "auto-replied")
+    headers = {
+        "from_addr": from_addr,
+        "to": to_recipients,
+        "cc": [r for r in cc_recipients if r not in to_recipients],
+        "message_id": mid,
+        "attachments": [(a.filename, a.content_type, a.data) for a in attachments],
+        "in_reply_to": reply.message_id if reply and reply.message_id else None,
+        "references": references,
+        "reply_to": Address(f"{local}+{token}@{domain}", from_addr.name),
+        "auto_submitted": ("auto-generated" if name in TIMER_NOTICES else "auto-replied")
         if automatic
         else None,
-        thread_topic=ticket.subject,
-        date=now,
+        "thread_topic": ticket.subject,
+        "date": now,
+    }
+    stored = _Stored(
+        ticket=ticket,
+        name=name,
+        message_id=mid,
+        recipients=[r.addr for r in recipients],
+        automatic=automatic,
+        record=record,
+        from_addr=ticket.mailbox,
+        from_name=from_addr.name,
+        author=agent.addr if agent else "",
+        body=body,
+        threaded_by="new" if reply is None else "in-reply-to",
+        now=now,
     )
-    message_row = None
     if record:
+        await remember_ids(session, ticket, stored=[mid], referenced=[])
+    draft = Draft(name, context, headers)
+    if deferred is None:
+        await _store(session, app, stored, write(app.renderer, draft))
+        app.wake_outbox.set()
+    else:
+        deferred.add(draft, stored)
+    return mid
+
+
+# -- notices written beside the transaction ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """What is stored of a notice once it is written."""
+
+    ticket: Ticket
+    name: str
+    message_id: str
+    recipients: list[str]
+    automatic: bool
+    record: bool
+    from_addr: str
+    from_name: str
+    author: str
+    body: str
+    threaded_by: str
+    now: datetime
+
+
+async def _store(session: AsyncSession, app: App, stored: _Stored, written: Written) -> None:
+    """The notice on its ticket (with `record`) and its deliveries in the outbox."""
+    message_row = None
+    if stored.record:
         message_row = await insert_row(
             session,
             Message,
-            ticket_id=ticket.id,
+            ticket_id=stored.ticket.id,
             raw_id=None,
             direction="out",
-            kind="auto" if automatic else "public",
-            classification=name,
-            message_id=mid,
-            from_addr=ticket.mailbox,
-            from_name=from_addr.name,
-            to_addrs=[r.addr for r in recipients],
-            subject=notice.subject,
-            text=notice.text,
-            new_text=body or notice.text,
-            author=agent.addr if agent else "",
-            threaded_by="new" if reply is None else "in-reply-to",
-            created_at=now,
+            kind="auto" if stored.automatic else "public",
+            classification=stored.name,
+            message_id=stored.message_id,
+            from_addr=stored.from_addr,
+            from_name=stored.from_name,
+            to_addrs=stored.recipients,
+            subject=written.subject,
+            text=written.text,
+            new_text=stored.body or written.text,
+            author=stored.author,
+            threaded_by=stored.threaded_by,
+            created_at=stored.now,
         )
-        await remember_ids(session, ticket, stored=[mid], referenced=[])
     await enqueue(
         session,
-        config,
-        data=data,
-        message_id=mid,
-        recipients=[r.addr for r in recipients],
-        kind=name,
-        automatic=automatic,
-        now=now,
-        ticket=ticket,
+        app.config,
+        data=written.data,
+        message_id=stored.message_id,
+        recipients=stored.recipients,
+        kind=stored.name,
+        automatic=stored.automatic,
+        now=stored.now,
+        ticket=stored.ticket,
         message_row=message_row,
     )
-    app.wake_outbox.set()
-    return mid
+
+
+# Drafts go to the composer this many at a time: each hand-over wakes its pool's threads,
+# which share the GIL with the loop (4 at a time was slower than 16), and the last ones are
+# waited for before the commit.
+HAND_OVER = 16
+
+_DEFERRED = "notices.deferred"  # session.info key
+
+
+@dataclass
+class _Deferred:
+    """A transaction's notices: decided, handed to the composer, stored by `flush`."""
+
+    app: App
+    drafts: list[Draft] = field(default_factory=list)  # not handed over yet
+    handed: list[HandedOver] = field(default_factory=list)
+    stored: list[_Stored] = field(default_factory=list)  # one per draft, in order
+    promised: Promised = field(default_factory=Promised)
+
+    def add(self, draft: Draft, stored: _Stored) -> None:
+        self.drafts.append(draft)
+        self.stored.append(stored)
+        self.promised.add(
+            stored.recipients,
+            kind=stored.name,
+            automatic=stored.automatic,
+            ticket_id=stored.ticket.id,
+        )
+        if len(self.drafts) >= HAND_OVER:
+            self.hand_over()
+
+    def hand_over(self) -> None:
+        if self.drafts:
+            self.handed.append(self.app.composer.hand_over(self.drafts))
+            self.drafts = []
+
+    def drop(self) -> None:
+        for item in self.handed:
+            item.future.cancel()
+
+
+def defer(session: AsyncSession, app: App) -> None:
+    """Write this transaction's notices in the composer (`App.composer`) while it goes on;
+    `flush` must store them before it commits. The pipeline's groups do this."""
+    session.sync_session.info[_DEFERRED] = _Deferred(app)
+
+
+async def flush(session: AsyncSession) -> None:
+    """Store the notices `defer` sent off: on their tickets and in the outbox.
+
+    Raises what writing one raised (a broken template, say), or ComposerLost."""
+    deferred: _Deferred | None = session.sync_session.info.get(_DEFERRED)
+    if deferred is None or not deferred.stored:
+        return
+    deferred.hand_over()
+    results = await deferred.app.composer.collect(deferred.handed)
+    for item, result in zip(deferred.stored, results, strict=True):
+        if isinstance(result, Exception):
+            raise result  # and the notices stay unflushed: this transaction cannot commit
+        await _store(session, deferred.app, item, result)
+    deferred.handed, deferred.stored = [], []
+    deferred.promised.clear()
+    deferred.app.wake_outbox.set()
+
+
+@event.listens_for(Session, "before_commit")
+def _unflushed(session: Session) -> None:
+    deferred: _Deferred | None = session.info.get(_DEFERRED)
+    if deferred is not None and deferred.stored:
+        raise RuntimeError("notices were deferred but not flushed before the commit")
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_deferred(session: Session, transaction: Any) -> None:
+    if transaction.parent is None:  # the transaction, not a savepoint
+        deferred = session.info.pop(_DEFERRED, None)
+        if deferred is not None:
+            deferred.drop()
 
 
 async def send_refusal(

@@ -12,8 +12,9 @@ import hashlib
 import hmac
 import logging
 import random
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -97,6 +98,26 @@ _GATE_CAPPED = _gate_statement(counted=True, acked=False)
 _GATE_ACK = _gate_statement(counted=True, acked=True)
 
 
+@dataclass
+class Promised:
+    """Deliveries a transaction has decided on but not written yet (their notices are being
+    composed elsewhere, `notices.defer`): the gate counts them as the rows they will be."""
+
+    automatic: Counter[str] = field(default_factory=Counter)  # by recipient
+    acks: Counter[tuple[str, int]] = field(default_factory=Counter)  # by recipient, ticket
+
+    def add(self, recipients: Sequence[str], *, kind: str, automatic: bool, ticket_id: int) -> None:
+        for recipient in recipients:
+            if automatic:
+                self.automatic[recipient] += 1
+            if kind == "acknowledgement":
+                self.acks[recipient, ticket_id] += 1
+
+    def clear(self) -> None:
+        self.automatic.clear()
+        self.acks.clear()
+
+
 async def automatic_gate(
     session: AsyncSession,
     config: Config,
@@ -106,10 +127,12 @@ async def automatic_gate(
     ticket: Ticket | None,
     now: datetime,
     capped: bool = True,
+    promised: Promised | None = None,
 ) -> Gate:
     """Whether mail may go to `recipient`: the loop rules of DESIGN.md.
 
-    Suppression applies to all mail; the caps only to automatic mail to outsiders.
+    Suppression applies to all mail; the caps only to automatic mail to outsiders, counting
+    the deliveries `promised` in this transaction but not written yet.
     """
     if not recipient or config.is_ours(recipient) or is_mailer_daemon(recipient):
         return Gate(False, "not to our own or a daemon address")
@@ -128,6 +151,9 @@ async def automatic_gate(
     row = await db.first(session, statement, params)
     assert row is not None  # a SELECT of scalar subqueries has one row
     why, in_hour, in_day = row
+    if promised is not None:
+        in_hour += promised.automatic[recipient]
+        in_day += promised.acks[recipient, ticket.id] if ticket is not None else 0
     if why is not None:
         return Gate(False, f"suppressed: {why}", suppressed=True)
     if counted and in_hour >= config.limits.auto_per_sender_per_hour:

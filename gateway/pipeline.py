@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import bindparam, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway import agents, bounces, db, forwards, timers
+from gateway import agents, bounces, db, forwards, notices, timers
 from gateway.app import CHUNK_MESSAGES, App
 from gateway.classify import Classification, classify
 from gateway.correlate import Thread, find_duplicate, find_thread
@@ -356,9 +356,11 @@ async def process_group(
 ) -> tuple[dict[str, int], list[tuple[RawMail, ParsedMessage]]]:
     """Process parsed messages in order, in one transaction, for up to GROUP_SECONDS.
 
-    Returns the counts and what is left. Any error rolls the whole group back and its
-    messages are redone one transaction each, so one bad message costs its neighbours
-    nothing but time. `dkim` holds the verdicts `agents.dkim_verdicts` found, by raw id.
+    Returns the counts and what is left. The group's notices are rendered and composed in
+    the composer process meanwhile (`notices.defer`) and stored before the commit. Any error
+    rolls the whole group back and its messages are redone one transaction each, notices
+    written inline, so one bad message costs its neighbours nothing but time. `dkim` holds
+    the verdicts `agents.dkim_verdicts` found, by raw id.
     """
     verdicts = dkim or {}
     counts: dict[str, int] = {}
@@ -369,6 +371,7 @@ async def process_group(
     app.intake_waiting.clear()
     try:
         async with app.transaction() as session:
+            notices.defer(session, app)  # written in the composer while the group goes on
             for raw, parsed in items:
                 verdict = verdicts.get(raw.id)
                 state = await _process_in(session, app, raw, parsed, now=now, dkim=verdict)
@@ -379,6 +382,7 @@ async def process_group(
                 # SQLite statements run inline and never yield: let the outbox and the
                 # timers have the loop between messages.
                 await asyncio.sleep(0)
+            await notices.flush(session)
     except Exception:
         counts = {}
         for raw, parsed in items[: len(done) + 1]:

@@ -617,13 +617,18 @@ def test_templates_check_reports_every_escape_and_runs_nothing(tmp_path: Path) -
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("workers", [0, 1], ids=["inline", "composer-process"])
 async def test_an_escape_in_the_acknowledgement_runs_nothing_in_the_pipeline(
-    tmp_path: Path, clock: Clock
+    tmp_path: Path, clock: Clock, workers: int
 ) -> None:
+    """Inline, and in the composer process that writes a pipeline group's notices."""
     folder, marker, bodies = escape_folder(tmp_path)
     (folder / "acknowledgement.txt.j2").write_text(bodies["cycler"])
     app = await make_app(
-        tmp_path, clock, edits={'templates_dir = ""': 'templates_dir = "templates"'}, workers=0
+        tmp_path,
+        clock,
+        edits={'templates_dir = ""': 'templates_dir = "templates"'},
+        workers=workers,
     )
     try:
         raw_id = await receive(app, mail())

@@ -1,4 +1,5 @@
-"""The parser's process pool: parsing on the second core, and losing the pool safely."""
+"""The parser's and the composer's process pools: work on the second core, and losing a pool
+safely."""
 
 from __future__ import annotations
 
@@ -11,22 +12,27 @@ import pytest
 from sqlalchemy import select
 
 from gateway import app as app_module
-from gateway.app import App, Parser, _chunks
-from gateway.models import RawMail
+from gateway import notices, pipeline
+from gateway.app import App, Composer, Parser, _chunks
+from gateway.db import session_scope
+from gateway.models import Event, Message, RawMail, Ticket
+from gateway.notices import send_notice
 from gateway.pipeline import process_pending
 from gateway.spool import insert_raw, raw_row
 from parsing.mime import Limits, MessageRejected
+from parsing.model import Address
 
 from conftest import deliveries, mail
 
 
-async def store(app: App, count: int) -> None:
-    """`count` new customer mails stored as the SMTP spool stores them."""
+async def store(app: App, count: int, *, sender: str = "") -> None:
+    """`count` new customer mails stored as the SMTP spool stores them, each from its own
+    customer unless `sender` is given."""
     async with app.sessions() as session, session.begin():
         rows = [
             raw_row(
-                mail(subject=f"printer {n} broken", sender=f"c{n}@customer.org"),
-                mail_from=f"c{n}@customer.org",
+                mail(subject=f"printer {n} broken", sender=sender or f"c{n}@customer.org"),
+                mail_from=sender or f"c{n}@customer.org",
                 rcpt_tos=["support@example.com"],
                 source="smtp",
                 now=app.clock(),
@@ -173,3 +179,82 @@ def test_chunks_are_bounded_in_messages_and_bytes() -> None:
     chunks = _chunks([small, small, big, small, small])
     assert [[len(m) for m in c] for c in chunks] == [[1000, 1000], [3 << 20], [1000, 1000]]
     assert _chunks([]) == []
+
+
+def composer(app: App, *, timeout: float = 20.0) -> Composer:
+    return Composer(workers=1, timeout=timeout, templates=None, renderer=app.renderer)
+
+
+async def outbound(app: App) -> list[Message]:
+    async with app.sessions() as session:
+        query = select(Message).where(Message.direction == "out").order_by(Message.id)
+        return list((await session.execute(query)).scalars())
+
+
+async def test_notices_written_in_the_composer_process_are_stored_whole(app: App) -> None:
+    """The group's notices are rendered and composed in a process of their own; what the
+    ticket shows of each is what its message says."""
+    app.composer.close()
+    app.composer = composer(app)
+    await store(app, 8)
+    assert await process_pending(app) == {"processed": 8}
+    sent = {row.message_id: row for row in await deliveries(app)}
+    acks = [m for m in await outbound(app) if m.classification == "acknowledgement"]
+    assert len(acks) == 8
+    for message in acks:
+        data = sent[message.message_id].data
+        parsed = email.message_from_bytes(data, policy=email.policy.default)
+        assert parsed["Subject"] == message.subject
+        body = parsed.get_body(("plain",))
+        assert body is not None
+        assert body.get_content().replace("\r\n", "\n") == message.text
+        assert parsed["To"] == message.to_addrs[0]
+
+
+async def test_a_composer_lost_under_a_group_costs_nothing_but_time(app: App) -> None:
+    """Past its deadline the composer is replaced and the group is redone, its notices
+    written inline: every message processed, every notice queued once."""
+    app.composer.close()
+    app.composer = composer(app, timeout=0.0)
+    await store(app, 6)
+    assert await process_pending(app) == {"processed": 6}
+    acks = [m for m in await outbound(app) if m.classification == "acknowledgement"]
+    assert len(acks) == 6
+    assert len({m.ticket_id for m in acks}) == 6
+    kinds = [row.kind for row in await deliveries(app)]
+    assert kinds.count("acknowledgement") == 6
+
+
+async def test_the_hourly_cap_counts_notices_not_written_yet(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group's notices are stored when it ends; the loop gate counts those it has
+    decided on meanwhile, so one sender's many new tickets in one group get no more
+    acknowledgements than the cap."""
+    monkeypatch.setattr(pipeline, "GROUP_SECONDS", 600.0)  # every message in one group
+    await store(app, 12, sender="flood@customer.org")
+    assert await process_pending(app) == {"processed": 12}
+    cap = app.config.limits.auto_per_sender_per_hour
+    acks = [r for r in await deliveries(app, "acknowledgement") if r.status == "queued"]
+    assert len(acks) == cap
+    async with app.sessions() as session:
+        skipped = (
+            await session.execute(select(Event).where(Event.action == "notice-skipped"))
+        ).scalars()
+        assert [e.detail["reason"] for e in skipped] == [f"hourly cap of {cap} reached"] * (
+            12 - cap
+        )
+
+
+async def test_deferred_notices_must_be_stored_before_the_commit(app: App) -> None:
+    await store(app, 1)
+    await process_pending(app)
+    before = len(await deliveries(app))
+    with pytest.raises(RuntimeError, match="not flushed"):
+        async with session_scope(app.sessions) as session:
+            ticket = (await session.execute(select(Ticket))).scalar_one()
+            notices.defer(session, app)
+            await send_notice(
+                session, app, ticket, "solved", to=[Address(ticket.requester)], now=app.clock()
+            )
+    assert len(await deliveries(app)) == before
