@@ -235,7 +235,15 @@ class Composer:
             future: asyncio.Future[list[Written | Exception]] = loop.create_future()
             future.set_result(write_each(self._renderer, drafts))
             return HandedOver(future, None)
-        return HandedOver(loop.run_in_executor(pool, write_all, self._templates, drafts), pool)
+        try:
+            return HandedOver(loop.run_in_executor(pool, write_all, self._templates, drafts), pool)
+        except (concurrent.futures.process.BrokenProcessPool, RuntimeError) as exc:
+            # Its process died since the last hand-over (killed, say): a pool never takes
+            # work again once broken, so it is replaced, and these go to `collect` failed.
+            self._writing.recycle(pool)
+            future = loop.create_future()
+            future.set_exception(concurrent.futures.process.BrokenProcessPool(str(exc)))
+            return HandedOver(future, None)
 
     async def collect(self, handed: Sequence[HandedOver]) -> list[Written | Exception]:
         """What was handed over, in order, within `timeout` of asking. A lost or late process

@@ -383,7 +383,8 @@ async def process_group(
                 # timers have the loop between messages.
                 await asyncio.sleep(0)
             await notices.flush(session)
-    except Exception:
+    except Exception as exc:
+        log.info("a group of %d failed (%r): one message a transaction", len(done) + 1, exc)
         counts = {}
         for raw, parsed in items[: len(done) + 1]:
             state = await process_one(app, raw, parsed, dkim=verdicts.get(raw.id))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -258,3 +260,64 @@ async def test_deferred_notices_must_be_stored_before_the_commit(app: App) -> No
                 session, app, ticket, "solved", to=[Address(ticket.requester)], now=app.clock()
             )
     assert len(await deliveries(app)) == before
+
+
+async def test_a_composer_process_killed_between_groups_is_replaced(app: App) -> None:
+    """A pool whose process died (the OOM killer, say) takes no more work: the group that
+    finds it so is redone inline and the next one gets a new process."""
+    app.composer.close()
+    app.composer = composer(app)
+    await store(app, 2)
+    assert await process_pending(app) == {"processed": 2}
+    pool = app.composer._writing._pool
+    assert pool is not None
+    for process in list(pool._processes.values()):
+        os.kill(process.pid, signal.SIGKILL)
+    for _ in range(100):  # until the pool's manager thread has seen it
+        if pool._broken:
+            break
+        await asyncio.sleep(0.05)
+    for _ in range(3):
+        await store(app, 3)
+        assert await process_pending(app) == {"processed": 3}
+    assert app.composer._writing._pool not in (None, pool)
+    kinds = [row.kind for row in await deliveries(app)]
+    assert kinds.count("acknowledgement") == 11
+
+
+async def test_a_groups_notices_keep_their_place_among_the_tickets_messages(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ticket's messages read in the order they happened, though a group's notices are
+    written at its end: a ticket opened and answered within one group shows the
+    acknowledgement before the answer."""
+    monkeypatch.setattr(pipeline, "GROUP_SECONDS", 600.0)
+    first = mail(message_id="m1@customer.org", subject="printer broken")
+    second = mail(
+        message_id="m2@customer.org",
+        subject="Re: printer broken",
+        headers={"In-Reply-To": "<m1@customer.org>"},
+        body="Also the scanner.\r\n",
+    )
+    async with app.sessions() as session, session.begin():
+        rows = [
+            raw_row(
+                data,
+                mail_from="jane@customer.org",
+                rcpt_tos=["support@example.com"],
+                source="smtp",
+                now=app.clock(),
+            )
+            for data in (first, second)
+        ]
+        await insert_raw(session, rows)
+    assert await process_pending(app) == {"processed": 2}
+    async with app.sessions() as session:
+        timeline = (await session.execute(select(Message).order_by(Message.id))).scalars()
+        assert [(m.direction, m.classification or m.message_id) for m in timeline] == [
+            ("in", "customer"),
+            ("out", "acknowledgement"),
+            ("out", "agent_notification"),
+            ("in", "customer"),
+            ("out", "agent_notification"),
+        ]
