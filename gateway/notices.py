@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import bindparam, event, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from gateway import db
 from gateway.app import App, HandedOver
 from gateway.db import insert_row
 from gateway.models import Message, RefusedForward, Ticket
@@ -214,8 +215,10 @@ async def send_notice(
     if deferred is None:
         await _store(session, app, stored, write(app.renderer, draft))
         app.wake_outbox.set()
-    else:
-        deferred.add(draft, stored)
+        return mid
+    if record:  # its place among the ticket's messages now; its words once written
+        stored = replace(stored, message_row=await _insert_message(session, stored, "", ""))
+    deferred.add(draft, stored)
     return mid
 
 
@@ -238,31 +241,54 @@ class _Stored:
     body: str
     threaded_by: str
     now: datetime
+    message_row: int | None = None  # inserted before the notice was written
+
+
+async def _insert_message(session: AsyncSession, stored: _Stored, subject: str, text: str) -> int:
+    return await insert_row(
+        session,
+        Message,
+        ticket_id=stored.ticket.id,
+        raw_id=None,
+        direction="out",
+        kind="auto" if stored.automatic else "public",
+        classification=stored.name,
+        message_id=stored.message_id,
+        from_addr=stored.from_addr,
+        from_name=stored.from_name,
+        to_addrs=stored.recipients,
+        subject=subject,
+        text=text,
+        new_text=stored.body or text,
+        author=stored.author,
+        threaded_by=stored.threaded_by,
+        created_at=stored.now,
+    )
+
+
+# Built once: it runs for every notice of a pipeline group.
+_WRITTEN = (
+    update(Message)
+    .where(Message.id == bindparam("row"))
+    .values(
+        subject=bindparam("new_subject"), text=bindparam("new_text_"), new_text=bindparam("shown")
+    )
+)
 
 
 async def _store(session: AsyncSession, app: App, stored: _Stored, written: Written) -> None:
     """The notice on its ticket (with `record`) and its deliveries in the outbox."""
-    message_row = None
-    if stored.record:
-        message_row = await insert_row(
-            session,
-            Message,
-            ticket_id=stored.ticket.id,
-            raw_id=None,
-            direction="out",
-            kind="auto" if stored.automatic else "public",
-            classification=stored.name,
-            message_id=stored.message_id,
-            from_addr=stored.from_addr,
-            from_name=stored.from_name,
-            to_addrs=stored.recipients,
-            subject=written.subject,
-            text=written.text,
-            new_text=stored.body or written.text,
-            author=stored.author,
-            threaded_by=stored.threaded_by,
-            created_at=stored.now,
-        )
+    message_row = stored.message_row
+    if stored.record and message_row is None:
+        message_row = await _insert_message(session, stored, written.subject, written.text)
+    elif stored.record:
+        values = {
+            "row": message_row,
+            "new_subject": written.subject,
+            "new_text_": written.text,
+            "shown": stored.body or written.text,
+        }
+        await db.execute(session, _WRITTEN, values)
     await enqueue(
         session,
         app.config,
