@@ -253,12 +253,19 @@ class Composer:
             async with asyncio.timeout(self.timeout):
                 for item in handed:
                     results.extend(await item.future)
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            lost: BaseException = concurrent.futures.process.BrokenProcessPool("cancelled")
         except (TimeoutError, concurrent.futures.process.BrokenProcessPool) as exc:
-            for item in handed:
-                item.future.cancel()
-                self._writing.recycle(item.pool)
-            raise ComposerLost(f"the composer process was lost: {exc!r}") from None
-        return results
+            lost = exc
+        else:
+            return results
+        # A job cancelled by a pool replaced under it, the pool broken, or over the deadline.
+        for item in handed:
+            item.future.cancel()
+            self._writing.recycle(item.pool)
+        raise ComposerLost(f"the composer process was lost: {lost!r}")
 
     def close(self) -> None:
         self._writing.close()

@@ -124,6 +124,8 @@ async def send_notice(
     """
     config = app.config
     deferred: _Deferred | None = session.sync_session.info.get(_DEFERRED)
+    if session.sync_session.in_nested_transaction():
+        deferred = None  # written now, so that the savepoint's rollback takes it back
     recipients: list[Address] = []
     for person in [*to, *cc]:
         gate = await automatic_gate(
@@ -209,13 +211,15 @@ async def send_notice(
         threaded_by="new" if reply is None else "in-reply-to",
         now=now,
     )
+    draft = Draft(name, context, headers)
+    written = write(app.renderer, draft) if deferred is None else None
     if record:
         await remember_ids(session, ticket, stored=[mid], referenced=[])
-    draft = Draft(name, context, headers)
-    if deferred is None:
-        await _store(session, app, stored, write(app.renderer, draft))
+    if written is not None:
+        await _store(session, app, stored, written)
         app.wake_outbox.set()
         return mid
+    assert deferred is not None
     if record:  # its place among the ticket's messages now; its words once written
         stored = replace(stored, message_row=await _insert_message(session, stored, "", ""))
     deferred.add(draft, stored)

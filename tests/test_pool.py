@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from gateway import app as app_module
 from gateway import notices, pipeline
-from gateway.app import App, Composer, Parser, _chunks
+from gateway.app import App, Composer, ComposerLost, Parser, _chunks
 from gateway.db import session_scope
 from gateway.models import Event, Message, RawMail, Ticket
 from gateway.notices import send_notice
@@ -23,6 +23,7 @@ from gateway.pipeline import process_pending
 from gateway.spool import insert_raw, raw_row
 from parsing.mime import Limits, MessageRejected
 from parsing.model import Address
+from responders.drafts import Draft
 
 from conftest import deliveries, mail
 
@@ -321,3 +322,34 @@ async def test_a_groups_notices_keep_their_place_among_the_tickets_messages(
             ("in", "customer"),
             ("out", "agent_notification"),
         ]
+
+
+async def test_a_composer_job_cancelled_under_the_collector_is_a_lost_composer(app: App) -> None:
+    """A job cancelled by its pool (replaced under it) is not the pipeline's cancellation:
+    collecting it raises ComposerLost, which redoes the group, not CancelledError."""
+    writer = composer(app)
+    try:
+        handed = writer.hand_over([Draft("acknowledgement", {}, {})])
+        handed.future.cancel()
+        with pytest.raises(ComposerLost):
+            await writer.collect([handed])
+    finally:
+        writer.close()
+
+
+async def test_a_notice_in_a_savepoint_is_written_in_it(app: App) -> None:
+    """A notice sent within a savepoint is written there, so the savepoint's rollback takes
+    it back; deferred, it would have been stored at the flush regardless."""
+    await store(app, 1)
+    await process_pending(app)
+    before = len(await deliveries(app))
+    async with session_scope(app.sessions) as session:
+        ticket = (await session.execute(select(Ticket))).scalar_one()
+        notices.defer(session, app)
+        savepoint = await session.begin_nested()
+        await send_notice(
+            session, app, ticket, "solved", to=[Address(ticket.requester)], now=app.clock()
+        )
+        await savepoint.rollback()
+        await notices.flush(session)
+    assert len(await deliveries(app)) == before
