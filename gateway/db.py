@@ -262,6 +262,14 @@ async def execute(session: AsyncSession, statement: Any, params: Mapping[str, An
     await _run(session, statement, [params])
 
 
+async def execute_many(
+    session: AsyncSession, statement: Any, rows: Sequence[Mapping[str, Any]]
+) -> None:
+    """`execute` for each of `rows`, in one executemany."""
+    if rows:
+        await _run(session, statement, rows)
+
+
 async def _run(session: AsyncSession, statement: Any, rows: Sequence[Mapping[str, Any]]) -> Any:
     """Run `statement` for `rows` (executemany for more than one) on the session's
     connection: on an inline one, sqlite3's cursor after it ran there; else SQLAlchemy's

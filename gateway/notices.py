@@ -270,7 +270,7 @@ async def _insert_message(session: AsyncSession, stored: _Stored, subject: str, 
     )
 
 
-# Built once: it runs for every notice of a pipeline group.
+# Built once: it runs for every pipeline group (`flush`).
 _WRITTEN = (
     update(Message)
     .where(Message.id == bindparam("row"))
@@ -285,14 +285,6 @@ async def _store(session: AsyncSession, app: App, stored: _Stored, written: Writ
     message_row = stored.message_row
     if stored.record and message_row is None:
         message_row = await _insert_message(session, stored, written.subject, written.text)
-    elif stored.record:
-        values = {
-            "row": message_row,
-            "new_subject": written.subject,
-            "new_text_": written.text,
-            "shown": stored.body or written.text,
-        }
-        await db.execute(session, _WRITTEN, values)
     await enqueue(
         session,
         app.config,
@@ -362,10 +354,15 @@ async def flush(session: AsyncSession) -> None:
         return
     deferred.hand_over()
     results = await deferred.app.composer.collect(deferred.handed)
+    filled: list[dict[str, object]] = []  # the words of Message rows inserted beforehand
     for item, result in zip(deferred.stored, results, strict=True):
         if isinstance(result, Exception):
             raise result  # and the notices stay unflushed: this transaction cannot commit
         await _store(session, deferred.app, item, result)
+        if item.message_row is not None:
+            words = {"new_subject": result.subject, "new_text_": result.text}
+            filled.append({"row": item.message_row, **words, "shown": item.body or result.text})
+    await db.execute_many(session, _WRITTEN, filled)
     deferred.handed, deferred.stored = [], []
     deferred.promised.clear()
     deferred.app.wake_outbox.set()
