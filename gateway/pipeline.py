@@ -384,9 +384,10 @@ async def process_group(
                 await asyncio.sleep(0)
             await notices.flush(session)
     except Exception as exc:
-        log.info("a group of %d failed (%r): one message a transaction", len(done) + 1, exc)
+        redo = items[: len(done) + 1]  # its flush may fail after its last message
+        log.info("a group of %d failed (%r): one message a transaction", len(redo), exc)
         counts = {}
-        for raw, parsed in items[: len(done) + 1]:
+        for raw, parsed in redo:
             state = await process_one(app, raw, parsed, dkim=verdicts.get(raw.id))
             counts[state] = counts.get(state, 0) + 1
         return counts, items[len(done) + 1 :]
