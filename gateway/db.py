@@ -100,7 +100,28 @@ async def insert_object(session: AsyncSession, model: Any, **values: Any) -> Any
     return loaded(session, model, id=row_id, **values)
 
 
-_AT_COMMIT = "db.at_commit"  # session.info key: rows written when the transaction commits
+# session.info keys whose values last as long as the session's transaction: dropped when it
+# ends by a commit, a rollback or a close (a savepoint's end keeps them), each handed first
+# to the function registered with it, if any.
+_PER_TRANSACTION: dict[str, Callable[[Any], None] | None] = {}
+
+
+def per_transaction(key: str, forget: Callable[[Any], None] | None = None) -> str:
+    """Register `key` (returned) as a session.info key that the transaction's end drops."""
+    _PER_TRANSACTION[key] = forget
+    return key
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_per_transaction(session: Session, transaction: Any) -> None:
+    if transaction.parent is None:  # the transaction, not a savepoint
+        for key, forget in _PER_TRANSACTION.items():
+            value = session.info.pop(key, None)
+            if value is not None and forget is not None:
+                forget(value)
+
+
+_AT_COMMIT = per_transaction("db.at_commit")  # rows written when the transaction commits
 
 
 def insert_at_commit(session: AsyncSession, model: Any, row: dict[str, Any]) -> None:
@@ -120,12 +141,6 @@ def _write_at_commit(session: Session) -> None:
     pending = session.info.pop(_AT_COMMIT, None)
     for model, rows in (pending or {}).items():
         session.connection().execute(model.__table__.insert(), rows)
-
-
-@event.listens_for(Session, "after_transaction_end")
-def _forget_at_commit(session: Session, transaction: Any) -> None:
-    if transaction.parent is None:  # the transaction, not a savepoint
-        session.info.pop(_AT_COMMIT, None)
 
 
 # -- statements run on SQLite's own cursor -----------------------------------------------------

@@ -7,7 +7,6 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import bindparam, event, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -304,8 +303,6 @@ async def _store(session: AsyncSession, app: App, stored: _Stored, written: Writ
 # waited for before the commit.
 HAND_OVER = 16
 
-_DEFERRED = "notices.deferred"  # session.info key
-
 
 @dataclass
 class _Deferred:
@@ -337,6 +334,10 @@ class _Deferred:
     def drop(self) -> None:
         for item in self.handed:
             item.future.cancel()
+
+
+# session.info key; a transaction that ends unflushed drops its composer jobs
+_DEFERRED = db.per_transaction("notices.deferred", _Deferred.drop)
 
 
 def defer(session: AsyncSession, app: App) -> None:
@@ -373,14 +374,6 @@ def _unflushed(session: Session) -> None:
     deferred: _Deferred | None = session.info.get(_DEFERRED)
     if deferred is not None and deferred.stored:
         raise RuntimeError("notices were deferred but not flushed before the commit")
-
-
-@event.listens_for(Session, "after_transaction_end")
-def _forget_deferred(session: Session, transaction: Any) -> None:
-    if transaction.parent is None:  # the transaction, not a savepoint
-        deferred = session.info.pop(_DEFERRED, None)
-        if deferred is not None:
-            deferred.drop()
 
 
 async def send_refusal(
