@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import secrets
 import socket
 import ssl
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -251,7 +253,8 @@ class SmtpPool:
 def deliver_maildir(maildir: Path, data: bytes) -> str:
     """Write ``data`` to ``maildir/tmp`` then rename it into ``maildir/new``; return the name.
 
-    Both the file and the ``new`` directory are fsynced, so a returned name survives a crash.
+    The file is made durable before its rename and the ``new`` directory after it, so a
+    returned name survives a crash.
     """
     (result,) = deliver_maildir_many(maildir, [data])
     if isinstance(result, OSError):
@@ -260,41 +263,109 @@ def deliver_maildir(maildir: Path, data: bytes) -> str:
 
 
 def deliver_maildir_many(maildir: Path, messages: Sequence[bytes]) -> list[str | OSError]:
-    """`deliver_maildir` for several messages, with one fsync of ``new`` for all of them (and
-    the folders made once): per message, its name, or the OSError that stopped it. When the
-    folder's fsync fails, every message renamed into it gets that error: none is known to
-    survive a crash, so each is delivered again."""
+    """`deliver_maildir` for several messages: per message, its name, or the OSError that
+    stopped it. Every file is written to ``tmp`` first; then all of them are made durable at
+    once, renamed into ``new``, and ``new`` is fsynced once (the folders are made once too).
+
+    On Linux one ``syncfs(2)`` makes the written files durable. With an fsync a file, a
+    Maildir delivery took about 0.7 ms of CPU on ext4, most of it the kernel's journal commit
+    for each fsync; with one syncfs a slice of 16 it takes about 0.15 ms (`bench/outbound.py`).
+
+    When the syncfs fails (or, without it, a file's fsync), each message it was to make
+    durable gets that error and its file is removed. When the fsync of ``new`` fails, every
+    message renamed into it gets that error. None of those is known to survive a crash, so
+    each is delivered again."""
     for sub in ("cur", "new", "tmp"):
         (maildir / sub).mkdir(parents=True, exist_ok=True)
     host = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
     results: list[str | OSError] = []
-    for data in messages:
-        name = f"{time.time_ns() // 1_000_000_000}.P{os.getpid()}R{secrets.token_hex(8)}.{host}"
-        tmp = maildir / "tmp" / name
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    written: list[tuple[int, int, str]] = []  # (index in results, descriptor, name) a file
+    # Opened before any write: syncfs reports the writeback errors seen since its fd opened.
+    tmp_fd = os.open(maildir / "tmp", os.O_RDONLY)
+    try:
+        for data in messages:
+            name = f"{time.time_ns() // 1_000_000_000}.P{os.getpid()}R{secrets.token_hex(8)}.{host}"
+            try:
+                fd = os.open(maildir / "tmp" / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as exc:
+                results.append(exc)
+                continue
+            written.append((len(results), fd, name))
+            results.append(name)
             try:
                 view = memoryview(data)
                 while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, maildir / "new" / name)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            results.append(exc)
-            continue
-        results.append(name)
-    if any(isinstance(r, str) for r in results):
-        try:
-            dir_fd = os.open(maildir / "new", os.O_RDONLY)
+                    view = view[os.write(fd, view) :]
+            except OSError as exc:
+                results[-1] = exc
+        _make_durable(tmp_fd, [(i, fd) for i, fd, _ in written], results)
+    finally:
+        os.close(tmp_fd)
+        for _, fd, _ in written:
+            os.close(fd)
+    for index, _, name in written:
+        if isinstance(results[index], str):
             try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as exc:
-            return [exc if isinstance(r, str) else r for r in results]
+                os.replace(maildir / "tmp" / name, maildir / "new" / name)
+                continue
+            except OSError as exc:
+                results[index] = exc
+        with contextlib.suppress(OSError):  # a file that failed is not left in tmp
+            (maildir / "tmp" / name).unlink()
+    if not any(isinstance(r, str) for r in results):
+        return results
+    try:
+        dir_fd = os.open(maildir / "new", os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        return [exc if isinstance(r, str) else r for r in results]
     return results
+
+
+def _make_durable(
+    folder_fd: int, files: list[tuple[int, int]], results: list[str | OSError]
+) -> None:
+    """Make the written ``files`` (index in ``results``, descriptor) durable: one syncfs of
+    the filesystem holding ``folder_fd`` where there is one, else an fsync each. A failure
+    replaces the result of each file it leaves in doubt (every file, for syncfs)."""
+    pending = [(index, fd) for index, fd in files if isinstance(results[index], str)]
+    if not pending:
+        return
+    if _SYNCFS is not None:
+        try:
+            _SYNCFS(folder_fd)
+        except OSError as exc:
+            for index, _ in pending:
+                results[index] = exc
+        return
+    for index, fd in pending:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            results[index] = exc
+
+
+def _filesystem_sync() -> Callable[[int], None] | None:
+    """Linux's ``syncfs(2)`` through libc (ctypes drops the GIL for the call), raising
+    OSError on failure; None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        call = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = (ctypes.c_int,)
+    call.restype = ctypes.c_int
+
+    def syncfs(fd: int) -> None:
+        if call(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    return syncfs
+
+
+_SYNCFS = _filesystem_sync()

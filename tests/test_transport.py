@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from parsing.model import Address
+from responders import transport
 from responders.compose import compose
 from responders.render import Notice
 from responders.transport import Relay, SendResult, SmtpPool, deliver_maildir, send_smtp
@@ -207,13 +208,15 @@ def test_maildir_delivery(tmp_path: Path) -> None:
 def test_maildir_delivery_of_several_fails_only_the_message_that_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One thread call writes a group: each message its own file and fsync, the folder
-    fsynced once; a message whose write fails gets its error and leaves no file, and a
-    failed folder fsync fails every message it was to make durable."""
+    """Without syncfs, one thread call writes a group: each message its own file and fsync,
+    the folder fsynced once; a message whose fsync fails gets its error and leaves no file,
+    and a failed folder fsync fails every message it was to make durable."""
     import os
 
+    from responders import transport
     from responders.transport import deliver_maildir_many
 
+    monkeypatch.setattr(transport, "_SYNCFS", None)
     maildir = tmp_path / "Maildir"
     messages = [_mail(f"m{i}") for i in range(3)]
     real_fsync, calls = os.fsync, []
@@ -237,6 +240,57 @@ def test_maildir_delivery_of_several_fails_only_the_message_that_failed(
     monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd) or _folder_fails(len(calls)))
     results = deliver_maildir_many(maildir, messages[:2])
     assert [isinstance(r, OSError) for r in results] == [True, True]
+
+
+@pytest.mark.skipif(transport._SYNCFS is None, reason="no syncfs(2) here")
+def test_maildir_delivery_of_several_syncs_the_filesystem_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With syncfs, the files of a group are made durable by one syncfs, not an fsync each
+    (only the folder is fsynced); a message whose write fails gets its error and leaves no
+    file; a failed syncfs fails every message of the group and leaves none in the Maildir."""
+    import os
+
+    maildir = tmp_path / "Maildir"
+    messages = [_mail(f"m{i}") for i in range(3)]
+    real_fsync, real_write = os.fsync, os.write
+    fsyncs: list[int] = []
+    syncs: list[int] = []
+    writes: list[int] = []
+
+    real_syncfs = transport._SYNCFS
+    assert real_syncfs is not None
+
+    def syncfs(fd: int) -> None:
+        syncs.append(fd)
+        real_syncfs(fd)
+
+    def write(fd: int, data: memoryview) -> int:
+        writes.append(fd)
+        if len(writes) == 2:  # the second message's file
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(transport, "_SYNCFS", syncfs)
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    monkeypatch.setattr(os, "write", write)
+    first, failed, third = transport.deliver_maildir_many(maildir, messages)
+    assert isinstance(first, str) and isinstance(third, str)
+    assert isinstance(failed, OSError) and failed.errno == 28
+    assert len(syncs) == 1 and len(fsyncs) == 1  # the filesystem once, then the folder
+    assert sorted(p.name for p in (maildir / "new").iterdir()) == sorted([first, third])
+    assert (maildir / "new" / first).read_bytes() == messages[0]
+    assert list((maildir / "tmp").iterdir()) == []
+
+    def syncfs_fails(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(transport, "_SYNCFS", syncfs_fails)
+    monkeypatch.setattr(os, "write", real_write)
+    results = transport.deliver_maildir_many(maildir, messages)
+    assert [isinstance(r, OSError) and r.errno == 5 for r in results] == [True] * 3
+    assert sorted(p.name for p in (maildir / "new").iterdir()) == sorted([first, third])
+    assert list((maildir / "tmp").iterdir()) == []
 
 
 def _folder_fails(call: int) -> None:
