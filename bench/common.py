@@ -78,8 +78,21 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User + system CPU of the server process so far (its own, not its children's)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _cpu_seconds(self.proc.pid)
+
+    def tree_cpu_seconds(self) -> float:
+        """User + system CPU so far of the server process and every live process under it
+        (a `serve`'s worker, parser and composer processes)."""
+        total, todo = 0.0, [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                total += _cpu_seconds(pid)
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    todo.extend(int(c) for c in (task / "children").read_text().split())
+            except FileNotFoundError:  # gone meanwhile
+                continue
+        return total
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
@@ -92,6 +105,19 @@ class Server:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return int(self.proc.returncode)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of this machine has spent busy so far (user, nice, system, irq,
+    softirq: kernel threads such as the journal's included; idle, iowait and steal not)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 # -- the SMTP load client (runs in its own process) --------------------------------------------
