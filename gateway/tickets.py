@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 import uuid
 from collections.abc import Iterable, Sequence
@@ -16,6 +15,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway import db
+from gateway.attachment_store import save_attachments
 from gateway.config import Config
 from gateway.db import insert_at_commit, insert_object, insert_row, insert_rows, loaded
 from gateway.models import AttachmentRow, Event, Message, Participant, ThreadRef, Ticket
@@ -166,23 +166,6 @@ def sanitise_html(html: str) -> str:
     return nh3.clean(html) if html else ""
 
 
-def save_attachment_bytes(directory: Path, data: bytes) -> str:
-    """Content-addressed storage: the name is the sha256, so a second copy costs nothing."""
-    digest = hashlib.sha256(data).hexdigest()
-    target = directory / digest[:2] / digest
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".tmp{uuid.uuid4().hex}")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            import os
-
-            os.fsync(handle.fileno())
-        tmp.replace(target)
-    return digest
-
-
 async def add_inbound_message(
     session: AsyncSession,
     ticket: Ticket,
@@ -239,17 +222,26 @@ async def add_inbound_message(
 async def store_attachments(
     session: AsyncSession, message: Message, attachments: Sequence[Attachment], directory: Path
 ) -> None:
+    """The message's attachments on disk (`save_attachments`: a parser process may have
+    stored them already) and their rows; a blob that cannot be stored raises."""
+    if not attachments:
+        return
+    digests: list[str] = []
+    for stored in save_attachments(directory, [item.data for item in attachments]):
+        if isinstance(stored, OSError):
+            raise stored
+        digests.append(stored)
     rows = [
         {
             "message_id": message.id,
-            "sha256": save_attachment_bytes(directory, item.data),
+            "sha256": digest,
             "size": len(item.data),
             "content_type": item.content_type[:200],
             "filename": item.filename,
             "content_id": item.content_id[:512],
             "inline": item.inline,
         }
-        for item in attachments
+        for item, digest in zip(attachments, digests, strict=True)
     ]
     await insert_rows(session, AttachmentRow, rows)
 

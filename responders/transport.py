@@ -35,6 +35,8 @@ __all__ = [
     "deliver_maildir",
     "deliver_maildir_many",
     "everyone",
+    "fsync_folder",
+    "publish",
     "send_smtp",
 ]
 
@@ -263,89 +265,112 @@ def deliver_maildir(maildir: Path, data: bytes) -> str:
 
 
 def deliver_maildir_many(maildir: Path, messages: Sequence[bytes]) -> list[str | OSError]:
-    """`deliver_maildir` for several messages: per message, its name, or the OSError that
-    stopped it. Every file is written to ``tmp`` first; then all of them are made durable at
-    once, renamed into ``new``, and ``new`` is fsynced once (the folders are made once too).
-
-    On Linux one ``syncfs(2)`` makes the written files durable. With an fsync a file, a
-    Maildir delivery took about 0.7 ms of CPU on ext4, most of it the kernel's journal commit
-    for each fsync; with one syncfs a slice of 16 it takes about 0.15 ms (`bench/outbound.py`).
-
-    When the syncfs fails (or, without it, a file's fsync), each message it was to make
-    durable gets that error and its file is removed. When the fsync of ``new`` fails, every
-    message renamed into it gets that error. None of those is known to survive a crash, so
-    each is delivered again."""
+    """`deliver_maildir` for several messages, by `publish`: per message, its name, or the
+    OSError that stopped it (the folders are made once). None that failed is known to
+    survive a crash, so each is delivered again."""
     for sub in ("cur", "new", "tmp"):
         (maildir / sub).mkdir(parents=True, exist_ok=True)
     host = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
-    results: list[str | OSError] = []
-    written: list[tuple[int, int, str]] = []  # (index in results, descriptor, name) a file
+    names = [
+        f"{time.time_ns() // 1_000_000_000}.P{os.getpid()}R{secrets.token_hex(8)}.{host}"
+        for _ in messages
+    ]
+    files = [
+        (maildir / "tmp" / name, maildir / "new" / name, data)
+        for name, data in zip(names, messages, strict=True)
+    ]
+    errors = publish(maildir / "tmp", files)
+    return [name if error is None else error for name, error in zip(names, errors, strict=True)]
+
+
+def publish(folder: Path, files: Sequence[tuple[Path, Path, bytes]]) -> list[OSError | None]:
+    """Make each ``(tmp, final, data)`` durable at ``final``, the Maildir way: every file is
+    written to its ``tmp`` path, all of them are made durable at once, each is renamed to
+    its ``final`` path, and each folder renamed into is fsynced once. All the paths are on
+    ``folder``'s filesystem, and ``tmp`` paths must not exist. Per file: None once it is
+    durable at ``final``, or the OSError that stopped it.
+
+    On Linux one ``syncfs(2)`` makes the written files durable. With an fsync a file, a
+    Maildir delivery took about 0.6 ms of the machine's CPU on ext4, most of it the kernel's
+    journal commit for each fsync; with one syncfs for 16 files, about 0.19 ms.
+
+    When the syncfs fails (or, without it, a file's fsync), each file it was to make
+    durable gets that error and its ``tmp`` file is removed. When a folder's fsync fails,
+    every file renamed into it gets that error (it may be there, but is not known to survive
+    a crash)."""
+    errors: list[OSError | None] = [None] * len(files)
+    written: list[tuple[int, int]] = []  # (index, open descriptor) of each file made
     # Opened before any write: syncfs reports the writeback errors seen since its fd opened.
-    tmp_fd = os.open(maildir / "tmp", os.O_RDONLY)
+    folder_fd = os.open(folder, os.O_RDONLY)
     try:
-        for data in messages:
-            name = f"{time.time_ns() // 1_000_000_000}.P{os.getpid()}R{secrets.token_hex(8)}.{host}"
+        for index, (tmp, _, data) in enumerate(files):
             try:
-                fd = os.open(maildir / "tmp" / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except OSError as exc:
-                results.append(exc)
+                errors[index] = exc
                 continue
-            written.append((len(results), fd, name))
-            results.append(name)
+            written.append((index, fd))
             try:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
             except OSError as exc:
-                results[-1] = exc
-        _make_durable(tmp_fd, [(i, fd) for i, fd, _ in written], results)
+                errors[index] = exc
+        _make_durable(folder_fd, [(i, fd) for i, fd in written if errors[i] is None], errors)
     finally:
-        os.close(tmp_fd)
-        for _, fd, _ in written:
+        os.close(folder_fd)
+        for _, fd in written:
             os.close(fd)
-    for index, _, name in written:
-        if isinstance(results[index], str):
+    folders: dict[Path, list[int]] = {}
+    for index, _ in written:
+        tmp, final, _ = files[index]
+        if errors[index] is None:
             try:
-                os.replace(maildir / "tmp" / name, maildir / "new" / name)
+                os.replace(tmp, final)
+                folders.setdefault(final.parent, []).append(index)
                 continue
             except OSError as exc:
-                results[index] = exc
-        with contextlib.suppress(OSError):  # a file that failed is not left in tmp
-            (maildir / "tmp" / name).unlink()
-    if not any(isinstance(r, str) for r in results):
-        return results
-    try:
-        dir_fd = os.open(maildir / "new", os.O_RDONLY)
+                errors[index] = exc
+        with contextlib.suppress(OSError):  # a file that failed is not left behind
+            tmp.unlink()
+    for path, indexes in folders.items():
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        return [exc if isinstance(r, str) else r for r in results]
-    return results
+            fsync_folder(path)
+        except OSError as exc:
+            for index in indexes:
+                errors[index] = exc
+    return errors
+
+
+def fsync_folder(path: Path) -> None:
+    """Make the names in folder ``path`` durable (what was renamed or made in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _make_durable(
-    folder_fd: int, files: list[tuple[int, int]], results: list[str | OSError]
+    folder_fd: int, files: list[tuple[int, int]], errors: list[OSError | None]
 ) -> None:
-    """Make the written ``files`` (index in ``results``, descriptor) durable: one syncfs of
+    """Make the written ``files`` (index in ``errors``, descriptor) durable: one syncfs of
     the filesystem holding ``folder_fd`` where there is one, else an fsync each. A failure
-    replaces the result of each file it leaves in doubt (every file, for syncfs)."""
-    pending = [(index, fd) for index, fd in files if isinstance(results[index], str)]
-    if not pending:
+    is the error of each file it leaves in doubt (every file, for syncfs)."""
+    if not files:
         return
     if _SYNCFS is not None:
         try:
             _SYNCFS(folder_fd)
         except OSError as exc:
-            for index, _ in pending:
-                results[index] = exc
+            for index, _ in files:
+                errors[index] = exc
         return
-    for index, fd in pending:
+    for index, fd in files:
         try:
             os.fsync(fd)
         except OSError as exc:
-            results[index] = exc
+            errors[index] = exc
 
 
 def _filesystem_sync() -> Callable[[int], None] | None:
