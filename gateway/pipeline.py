@@ -314,17 +314,23 @@ async def _process_in(
     *,
     now: datetime,
     dkim: bool | None = None,
+    finished: list[dict[str, object]] | None = None,
 ) -> str:
     """The steps over `raw` (as claimed: its columns never change but its state), once its
-    state is re-read under the lock; the row itself (and its blob) is not loaded again."""
+    state is re-read under the lock; the row itself (and its blob) is not loaded again.
+    The row's new state is written at once, or added to `finished` for the caller to write
+    with its neighbours' (`_DONE`) in the same transaction."""
     # Locked for the transaction: two processes never handle the same message.
     live = await db.scalar(session, _STATE, {"raw": raw.id})
     if live != "received":
         return live or "missing"
     work = Work(raw=raw, parsed=parsed, now=now, dkim=dkim)
     state, note = await _run_steps(session, app, work)
-    values = {"raw": raw.id, "new_state": state, "at": now, "why": note[:2000]}
-    await db.execute(session, _DONE, values)
+    values: dict[str, object] = {"raw": raw.id, "new_state": state, "at": now, "why": note[:2000]}
+    if finished is None:
+        await db.execute(session, _DONE, values)
+    else:
+        finished.append(values)
     return state
 
 
@@ -369,12 +375,15 @@ async def process_group(
     started = loop.time()
     now = app.clock()
     app.intake_waiting.clear()
+    finished: list[dict[str, object]] = []  # the group's raw_mail rows' new states
     try:
         async with app.transaction() as session:
             notices.defer(session, app)  # written in the composer while the group goes on
             for raw, parsed in items:
                 verdict = verdicts.get(raw.id)
-                state = await _process_in(session, app, raw, parsed, now=now, dkim=verdict)
+                state = await _process_in(
+                    session, app, raw, parsed, now=now, dkim=verdict, finished=finished
+                )
                 counts[state] = counts.get(state, 0) + 1
                 done.append(raw)
                 if loop.time() - started > GROUP_SECONDS or app.intake_waiting.is_set():
@@ -382,6 +391,7 @@ async def process_group(
                 # SQLite statements run inline and never yield: let the outbox and the
                 # timers have the loop between messages.
                 await asyncio.sleep(0)
+            await db.execute_many(session, _DONE, finished)  # one executemany, not one each
             await notices.flush(session)
     except Exception as exc:
         redo = items[: len(done) + 1]  # its flush may fail after its last message
