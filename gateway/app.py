@@ -16,7 +16,6 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from gateway.attachment_store import save_attachments
 from gateway.config import Config
 from gateway.db import make_engine, session_scope, sessionmaker
 from gateway.intake import intake_url
@@ -94,20 +93,12 @@ class _Processes:
 
 
 class Parser:
-    """Parses in worker processes (the second core) with a deadline per message.
+    """Parses in worker processes (the second core) with a deadline per message."""
 
-    With `attachments` (a folder), a parser process also stores the attachments of what it
-    parsed there (`save_attachments`), so the pipeline's loop finds them on disk instead of
-    hashing, writing and syncing them itself.
-    """
-
-    def __init__(
-        self, *, workers: int, timeout: float, limits: Limits, attachments: Path | None = None
-    ) -> None:
+    def __init__(self, *, workers: int, timeout: float, limits: Limits) -> None:
         self.workers = workers
         self.timeout = timeout
         self.limits = limits
-        self.attachments = attachments if workers > 0 else None
         self._parsing = _Processes(workers, nice=PARSE_NICE)
         # No more parses in flight than processes: the deadline then times the parse, not
         # its wait in the pool's queue, and a recycle loses only messages being parsed.
@@ -124,7 +115,7 @@ class Parser:
     async def _parse_once(self, raw: bytes, *, last_try: bool = False) -> ParsedMessage:
         loop = asyncio.get_running_loop()
         pool = self._parsing.get()
-        future = loop.run_in_executor(pool, _parse, raw, self.limits, self.attachments)
+        future = loop.run_in_executor(pool, _parse, raw, self.limits)
         try:
             return await asyncio.wait_for(future, self.timeout)
         except TimeoutError:
@@ -159,9 +150,7 @@ class Parser:
             async with self._slots:
                 loop = asyncio.get_running_loop()
                 pool = self._parsing.get()
-                future = loop.run_in_executor(
-                    pool, _parse_all, chunk, self.limits, self.attachments
-                )
+                future = loop.run_in_executor(pool, _parse_all, chunk, self.limits)
                 try:
                     return await asyncio.wait_for(future, self.timeout)
                 except (TimeoutError, concurrent.futures.process.BrokenProcessPool):
@@ -195,15 +184,11 @@ def _chunks(raws: Sequence[bytes]) -> list[list[bytes]]:
     return chunks
 
 
-def _parse(raw: bytes, limits: Limits, attachments: Path | None) -> ParsedMessage:
-    parsed = parse_message(raw, limits=limits)
-    _store_attachments(attachments, [parsed])
-    return parsed
+def _parse(raw: bytes, limits: Limits) -> ParsedMessage:
+    return parse_message(raw, limits=limits)
 
 
-def _parse_all(
-    raws: list[bytes], limits: Limits, attachments: Path | None
-) -> list[ParsedMessage | BaseException]:
+def _parse_all(raws: list[bytes], limits: Limits) -> list[ParsedMessage | BaseException]:
     """In a parser process: each message's result, its error kept in its place."""
     results: list[ParsedMessage | BaseException] = []
     for raw in raws:
@@ -211,23 +196,7 @@ def _parse_all(
             results.append(parse_message(raw, limits=limits))
         except Exception as exc:
             results.append(exc)
-    _store_attachments(attachments, results)
     return results
-
-
-def _store_attachments(
-    folder: Path | None, parsed: Sequence[ParsedMessage | BaseException]
-) -> None:
-    """In a parser process: the attachments of what parsed, stored in `folder` at once.
-    A blob that fails here is stored (or fails) in the pipeline, as it would without this;
-    one whose message the pipeline never keeps (a duplicate, a message quarantined later)
-    stays on disk, like a blob whose last message is deleted."""
-    if folder is None:
-        return
-    blobs = [a.data for p in parsed if isinstance(p, ParsedMessage) for a in p.attachments]
-    if blobs:
-        with contextlib.suppress(OSError):
-            save_attachments(folder, blobs)
 
 
 class ComposerLost(Exception):
@@ -360,7 +329,7 @@ class App:
 
     @property
     def attachments_dir(self) -> Path:
-        return attachments_dir(self.config)
+        return self.config.data_dir / "attachments"
 
     @property
     def maildir(self) -> Path:
@@ -374,10 +343,6 @@ class App:
         await self.intake_engine.dispose()
         if self.intake_file:
             await self.intake_reader_engine.dispose()
-
-
-def attachments_dir(config: Config) -> Path:
-    return config.data_dir / "attachments"
 
 
 def build_app(
@@ -415,10 +380,7 @@ def build_app(
         intake_file=side_file is not None,
         renderer=renderer,
         parser=Parser(
-            workers=workers,
-            timeout=config.pipeline.parse_timeout_seconds,
-            limits=limits,
-            attachments=attachments_dir(config),
+            workers=workers, timeout=config.pipeline.parse_timeout_seconds, limits=limits
         ),
         # One process: a notice takes it about half a millisecond.
         composer=Composer(

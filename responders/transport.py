@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import os
+import re
 import secrets
 import socket
 import ssl
@@ -283,25 +285,30 @@ def deliver_maildir_many(maildir: Path, messages: Sequence[bytes]) -> list[str |
     return [name if error is None else error for name, error in zip(names, errors, strict=True)]
 
 
-def publish(folder: Path, files: Sequence[tuple[Path, Path, bytes]]) -> list[OSError | None]:
+def publish(
+    folder: Path, files: Sequence[tuple[Path, Path, bytes]], *, syncfs: bool = True
+) -> list[OSError | None]:
     """Make each ``(tmp, final, data)`` durable at ``final``, the Maildir way: every file is
-    written to its ``tmp`` path, all of them are made durable at once, each is renamed to
-    its ``final`` path, and each folder renamed into is fsynced once. All the paths are on
-    ``folder``'s filesystem, and ``tmp`` paths must not exist. Per file: None once it is
-    durable at ``final``, or the OSError that stopped it.
+    written to its ``tmp`` path and made durable, renamed to its ``final`` path, and each
+    folder renamed into is fsynced once. All the paths are on ``folder``'s filesystem, and
+    ``tmp`` paths must not exist. Per file: None once it is durable at ``final``, or the
+    OSError that stopped it.
 
-    On Linux one ``syncfs(2)`` makes the written files durable. With an fsync a file, a
-    Maildir delivery took about 0.6 ms of the machine's CPU on ext4, most of it the kernel's
-    journal commit for each fsync; with one syncfs for 16 files, about 0.19 ms.
+    With ``syncfs`` (and on Linux 5.8 or later, where it reports writeback errors) one
+    ``syncfs(2)`` of the filesystem makes all the written files durable. With an fsync a
+    file, a Maildir delivery took about 0.6 ms of the machine's CPU on ext4, most of it the
+    kernel's journal commit for each fsync; with one syncfs for 16 files, about 0.19 ms.
+    It flushes whatever else is dirty on that filesystem too, so callers that hold a lock
+    or the event loop pass ``syncfs=False``.
 
-    When the syncfs fails (or, without it, a file's fsync), each file it was to make
-    durable gets that error and its ``tmp`` file is removed. When a folder's fsync fails,
-    every file renamed into it gets that error (it may be there, but is not known to survive
-    a crash)."""
+    When the syncfs fails (or a file's fsync), each file it was to make durable gets that
+    error and its ``tmp`` file is removed. When a folder's fsync fails, every file renamed
+    into it gets that error (it may be there, but is not known to survive a crash)."""
     errors: list[OSError | None] = [None] * len(files)
-    written: list[tuple[int, int]] = []  # (index, open descriptor) of each file made
+    made: list[int] = []
+    whole = _SYNCFS if syncfs else None
     # Opened before any write: syncfs reports the writeback errors seen since its fd opened.
-    folder_fd = os.open(folder, os.O_RDONLY)
+    folder_fd = os.open(folder, os.O_RDONLY) if whole is not None else -1
     try:
         for index, (tmp, _, data) in enumerate(files):
             try:
@@ -309,20 +316,30 @@ def publish(folder: Path, files: Sequence[tuple[Path, Path, bytes]]) -> list[OSE
             except OSError as exc:
                 errors[index] = exc
                 continue
-            written.append((index, fd))
+            made.append(index)
             try:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
+                if whole is None:
+                    os.fsync(fd)
             except OSError as exc:
                 errors[index] = exc
-        _make_durable(folder_fd, [(i, fd) for i, fd in written if errors[i] is None], errors)
+            finally:
+                os.close(fd)
+        if whole is not None and any(errors[i] is None for i in made):
+            try:
+                whole(folder_fd)
+            except _Unsupported:
+                _fsync_each(files, made, errors)
+            except OSError as exc:
+                for index in made:
+                    errors[index] = errors[index] or exc
     finally:
-        os.close(folder_fd)
-        for _, fd in written:
-            os.close(fd)
+        if folder_fd >= 0:
+            os.close(folder_fd)
     folders: dict[Path, list[int]] = {}
-    for index, _ in written:
+    for index in made:
         tmp, final, _ = files[index]
         if errors[index] is None:
             try:
@@ -342,6 +359,25 @@ def publish(folder: Path, files: Sequence[tuple[Path, Path, bytes]]) -> list[OSE
     return errors
 
 
+def _fsync_each(
+    files: Sequence[tuple[Path, Path, bytes]], made: list[int], errors: list[OSError | None]
+) -> None:
+    """Where syncfs is refused: no more syncfs calls, and the written files fsynced one by
+    one (opened again: an fsync makes a file's data durable through any descriptor)."""
+    global _SYNCFS
+    _SYNCFS = None
+    for index in made:
+        if errors[index] is None:
+            try:
+                fd = os.open(files[index][0], os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                errors[index] = exc
+
+
 def fsync_folder(path: Path) -> None:
     """Make the names in folder ``path`` durable (what was renamed or made in it)."""
     fd = os.open(path, os.O_RDONLY)
@@ -351,32 +387,12 @@ def fsync_folder(path: Path) -> None:
         os.close(fd)
 
 
-def _make_durable(
-    folder_fd: int, files: list[tuple[int, int]], errors: list[OSError | None]
-) -> None:
-    """Make the written ``files`` (index in ``errors``, descriptor) durable: one syncfs of
-    the filesystem holding ``folder_fd`` where there is one, else an fsync each. A failure
-    is the error of each file it leaves in doubt (every file, for syncfs)."""
-    if not files:
-        return
-    if _SYNCFS is not None:
-        try:
-            _SYNCFS(folder_fd)
-        except OSError as exc:
-            for index, _ in files:
-                errors[index] = exc
-        return
-    for index, fd in files:
-        try:
-            os.fsync(fd)
-        except OSError as exc:
-            errors[index] = exc
-
-
 def _filesystem_sync() -> Callable[[int], None] | None:
     """Linux's ``syncfs(2)`` through libc (ctypes drops the GIL for the call), raising
-    OSError on failure; None where there is none."""
-    if not sys.platform.startswith("linux"):
+    OSError on failure; None where there is none, or where it does not report writeback
+    errors (before Linux 5.8). Where the call itself is refused (a seccomp filter, say),
+    each file is fsynced instead (`_fsync_each`)."""
+    if not sys.platform.startswith("linux") or _kernel() < (5, 8):
         return None
     try:
         call = ctypes.CDLL(None, use_errno=True).syncfs
@@ -388,9 +404,20 @@ def _filesystem_sync() -> Callable[[int], None] | None:
     def syncfs(fd: int) -> None:
         if call(fd) != 0:
             err = ctypes.get_errno()
+            if err in (errno.ENOSYS, errno.EPERM):
+                raise _Unsupported(err, os.strerror(err))
             raise OSError(err, os.strerror(err))
 
     return syncfs
+
+
+class _Unsupported(OSError):
+    """syncfs(2) refused as a call, not failed: its files are fsynced one by one."""
+
+
+def _kernel() -> tuple[int, int]:
+    found = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
 
 
 _SYNCFS = _filesystem_sync()

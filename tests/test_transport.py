@@ -296,3 +296,25 @@ def test_maildir_delivery_of_several_syncs_the_filesystem_once(
 def _folder_fails(call: int) -> None:
     if call == 3:  # after the two files: the folder
         raise OSError(5, "Input/output error")
+
+
+def test_maildir_delivery_where_syncfs_is_refused_fsyncs_each_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A syncfs refused as a call (ENOSYS, EPERM under a seccomp filter) is not a failed
+    delivery: the files are fsynced one by one, and syncfs is not tried again."""
+    import errno
+    import os
+
+    def refused(fd: int) -> None:
+        raise transport._Unsupported(errno.ENOSYS, "Function not implemented")
+
+    real_fsync, fsyncs = os.fsync, []
+    monkeypatch.setattr(transport, "_SYNCFS", refused)
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    messages = [_mail(f"m{i}") for i in range(2)]
+    names = transport.deliver_maildir_many(tmp_path / "Maildir", messages)
+    assert all(isinstance(n, str) for n in names)
+    assert len(fsyncs) == 3  # each file, then the folder
+    assert transport._SYNCFS is None
+    assert sorted(p.name for p in (tmp_path / "Maildir" / "new").iterdir()) == sorted(names)
