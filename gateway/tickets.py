@@ -222,8 +222,8 @@ async def add_inbound_message(
 async def store_attachments(
     session: AsyncSession, message: Message, attachments: Sequence[Attachment], directory: Path
 ) -> None:
-    """The message's attachments on disk (`save_attachments`: a parser process may have
-    stored them already) and their rows; a blob that cannot be stored raises."""
+    """The message's attachments on disk (`save_attachments`) and their rows; a blob that
+    cannot be stored raises, and the message's transaction with it."""
     if not attachments:
         return
     digests: list[str] = []
