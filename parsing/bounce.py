@@ -311,7 +311,7 @@ def _decoded(part: Message) -> str:
     charset = part.get_content_charset() or "utf-8"
     try:
         return payload.decode(charset, errors="replace")
-    except LookupError:
+    except (LookupError, ValueError):  # a NUL in the name is a ValueError
         return payload.decode("latin-1")
 
 

@@ -559,7 +559,7 @@ def _decode_part(part: Message) -> str:
     charset = part.get_content_charset() or "utf-8"
     try:
         return payload.decode(charset)
-    except (LookupError, UnicodeDecodeError):
+    except (LookupError, ValueError):  # a NUL in the charset name is a ValueError
         return payload.decode("utf-8", errors="replace")
 
 

@@ -55,7 +55,7 @@ def _text_of(part: Message) -> str:
     for candidate in (charset, "utf-8", "windows-1252"):
         try:
             return data.decode(candidate)
-        except (LookupError, UnicodeDecodeError):
+        except (LookupError, ValueError):  # a NUL in the name is a ValueError
             continue
     return data.decode("latin-1")
 

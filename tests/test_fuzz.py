@@ -135,6 +135,37 @@ def test_parse_message_on_mutated_corpus_mail(raw: bytes) -> None:
     parse_or_reject(raw)
 
 
+_NUL_CHARSET = b"Content-Type: text/plain; charset=\x00us-ascii\r\n\r\nThe printer is broken.\r\n"
+
+
+def test_a_charset_name_with_a_nul_is_an_unknown_charset() -> None:
+    """`bytes.decode` raises ValueError, not LookupError, for a codec name with a NUL: found
+    by the mutation fuzzer in a Courier bounce. The body, the bounce's text and a forwarded
+    message's body are each read with a fallback charset instead."""
+    plain = b"From: a@customer.org\r\nSubject: nul\r\n" + _NUL_CHARSET
+    report = (
+        b"From: postmaster@example.org\r\nSubject: NOTICE: mail delivery status.\r\n"
+        b"Content-Type: multipart/report; report-type=delivery-status; boundary=b\r\n\r\n"
+        b"--b\r\n" + _NUL_CHARSET + b"--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+        b"Reporting-MTA: dns; example.org\r\n\r\nFinal-Recipient: rfc822; c@example.jp\r\n"
+        b"Action: failed\r\nStatus: 5.0.0\r\n\r\n--b--\r\n"
+    )
+    attached = b"From: c@customer.org\r\nSubject: printer\r\n" + _NUL_CHARSET
+    forwarded = (
+        b"From: agent@example.com\r\nSubject: Fwd: printer\r\n"
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+        b"Content-Type: text/plain\r\n\r\nSee below.\r\n--b\r\n"
+        b"Content-Type: message/rfc822\r\n\r\n" + attached + b"--b--\r\n"
+    )
+    for raw in (plain, report, forwarded):
+        parse_or_reject(raw)
+    assert "printer is broken" in parse_message(plain).text
+    bounce = parse_bounce(email.message_from_bytes(report, policy=email.policy.compat32))
+    assert bounce is not None and [r.status for r in bounce.recipients] == ["5.0.0"]
+    found = detect_forward("See below.", subject="Fwd: printer", attached=[attached])
+    assert found is not None and "printer is broken" in found.original_text
+
+
 @pytest.mark.parametrize("path", SEEDS, ids=lambda p: p.name)
 def test_parse_message_on_every_hostile_fixture(path: Path) -> None:
     parse_or_reject(path.read_bytes())
