@@ -49,6 +49,22 @@ def _decoded_payload(part: Message) -> bytes:
     return raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else b""
 
 
+def _flattened(inner: Message) -> bytes | None:
+    """An attached message's bytes, for reading it as a forward; None if it cannot be made.
+
+    The bytes generator refuses text it cannot write back as ASCII: a multipart whose
+    Content-Type is mangled (``multipart/\\xff\\xfealternative``, found by the fuzzer) has
+    its body kept as decoded text. The text generator writes it, encoded as UTF-8."""
+    try:
+        return inner.as_bytes()
+    except (UnicodeError, LookupError, ValueError, TypeError):
+        pass
+    try:
+        return inner.as_string().encode("utf-8", "surrogateescape")
+    except (UnicodeError, LookupError, ValueError, TypeError):
+        return None
+
+
 def _text_of(part: Message) -> str:
     data = _decoded_payload(part)
     charset = part.get_content_charset() or "utf-8"
@@ -143,7 +159,9 @@ def _parse(raw: bytes, limits: Limits) -> ParsedMessage:
         if ctype == "message/rfc822" or ctype == "message/global":
             inner = part.get_payload()
             if isinstance(inner, list) and inner and isinstance(inner[0], Message):
-                forwarded.append(inner[0].as_bytes())
+                flat = _flattened(inner[0])
+                if flat is not None:
+                    forwarded.append(flat)
             continue
         if ctype in ("text/plain", "text/html") and disposition != "attachment" and not filename:
             (text_parts if ctype == "text/plain" else html_parts).append(_text_of(part))
